@@ -1,0 +1,22 @@
+"""glm_numpy: a readable NumPy + numba interpreter for ChatGLM2-6B."""
+
+from glm_numpy.cache import KVCache
+from glm_numpy.config import ChatGLM2Config, ConfigError
+from glm_numpy.generation import ChatSession, GenerationConfig, chat, generate, stream_chat
+from glm_numpy.model import ChatGLM2
+from glm_numpy.tokenizer import ChatGLM2Tokenizer, TokenizerError, build_prompt
+
+__all__ = [
+    "ChatGLM2",
+    "ChatGLM2Config",
+    "ChatGLM2Tokenizer",
+    "ChatSession",
+    "ConfigError",
+    "GenerationConfig",
+    "KVCache",
+    "TokenizerError",
+    "build_prompt",
+    "chat",
+    "generate",
+    "stream_chat",
+]

@@ -1,0 +1,503 @@
+"""Train the embedded default model: a tiny ChatGLM2 (same architecture, same checkpoint format).
+
+The torch module below follows spec §3 with the official parameter names (§2.2), so its
+state dict is saved as-is: embedding -> L pre-norm blocks (RMSNorm, fused query_key_value with
+bias, RoPE on interleaved pairs of the first half of each head's channels, grouped K/V heads,
+causal attention, dense; RMSNorm, SwiGLU MLP) -> final RMSNorm -> untied output layer.
+
+Training sequences start with [gMASK] sop like every prompt ChatGLM2Tokenizer builds. English
+samples are windows of the plays (started at a line); Chinese samples pack whole poems, as plain
+text or as single-round chats ("[Round 1]\\n\\n问：<title>\\n\\n答：<poem>" then eos), each
+document attending only to itself; a share of English chat examples is packed the same way.
+
+Reproduce (after prepare_corpus.py and train_tokenizer.py):
+  python training/train_default_model.py --workdir /work/corpus --steps 3600 --seed 0
+It logs to stdout, saves <workdir>/checkpoint.pt every --save-every steps and finally writes
+config.json, model.safetensors (float16) and tokenizer.model to glm_numpy/assets/default_model/.
+``--export-only`` re-exports the saved checkpoint without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare_corpus import chat_prompt, poem_plain, poem_verse  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "glm_numpy" / "assets" / "default_model"
+
+# Tiny sizes, everything else as in THUDM/chatglm2-6b (spec §1.1).
+SIZES = {
+    "hidden_size": 256,
+    "num_layers": 6,
+    "num_attention_heads": 8,
+    "kv_channels": 32,
+    "multi_query_group_num": 2,
+    "ffn_hidden_size": 688,
+}
+SEQ_LEN = 256
+EPS = 1e-5
+
+
+def special_ids(sp_size: int) -> dict[str, int]:
+    """The five ChatGLM2 specials follow the SentencePiece vocabulary in this order (spec §5.2)."""
+    names = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+    return {name: sp_size + i for i, name in enumerate(names)}
+
+
+def padded_vocab(sp_size: int) -> int:
+    """Rows of the embedding: the full vocabulary rounded up to a multiple of 64."""
+    return (sp_size + 5 + 63) // 64 * 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)
+        return (self.weight.float() * y).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int, groups: int, head_dim: int):
+        super().__init__()
+        self.h, self.g, self.dh = heads, groups, head_dim
+        self.query_key_value = nn.Linear(d, (heads + 2 * groups) * head_dim, bias=True)
+        self.dense = nn.Linear(heads * head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x)
+        # q | k | v are contiguous blocks of the fused output, not interleaved per head.
+        q, k, v = qkv.split([self.h * self.dh, self.g * self.dh, self.g * self.dh], dim=-1)
+        q = rotary(q.view(b, t, self.h, self.dh), cos, sin).transpose(1, 2)
+        k = rotary(k.view(b, t, self.g, self.dh), cos, sin).transpose(1, 2)
+        v = v.view(b, t, self.g, self.dh).transpose(1, 2)
+        # Query head h reads K/V group h // (H/G): each group repeated in a contiguous block.
+        k = k.repeat_interleave(self.h // self.g, dim=1)
+        v = v.repeat_interleave(self.h // self.g, dim=1)
+        if mask is None:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(ctx.transpose(1, 2).reshape(b, t, self.h * self.dh))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of the first R channels of each head; the rest pass through."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    even, odd = rot[..., 0::2], rot[..., 1::2]
+    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, R/2]
+    turned = torch.stack([even * c - odd * s, odd * c + even * s], dim=-1).flatten(-2)
+    return torch.cat([turned, rest], dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(d, 2 * f, bias=False)
+        self.dense_4h_to_h = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # the first half is the gate
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, d, heads, groups, head_dim, ffn):
+        super().__init__()
+        self.input_layernorm = RMSNorm(d)
+        self.self_attention = SelfAttention(d, heads, groups, head_dim)
+        self.post_attention_layernorm = RMSNorm(d)
+        self.mlp = MLP(d, ffn)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, d: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, d)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the official ``inv_freq`` buffer ([R/2]); the angles themselves are exact."""
+
+    def __init__(self, rotary_dim: int):
+        super().__init__()
+        inv = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        self.register_buffer("inv_freq", inv.float())
+
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in float64, rounded once to float32: the same exact table glm_numpy uses.
+        angles = positions.double()[:, None] * self.inv_freq.double()[None, :]
+        return angles.cos().float(), angles.sin().float()
+
+
+class Encoder(nn.Module):
+    def __init__(self, n_layers, *block_args):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(*block_args) for _ in range(n_layers))
+        self.final_layernorm = RMSNorm(block_args[0])
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        d, v = cfg["hidden_size"], cfg["padded_vocab_size"]
+        self.embedding = Embedding(v, d)
+        self.rotary_pos_emb = RotaryEmbedding(cfg["kv_channels"] // 2)
+        self.encoder = Encoder(
+            cfg["num_layers"],
+            d,
+            cfg["num_attention_heads"],
+            cfg["multi_query_group_num"],
+            cfg["kv_channels"],
+            cfg["ffn_hidden_size"],
+        )
+        self.output_layer = nn.Linear(d, v, bias=False)
+
+
+class TinyChatGLM2(nn.Module):
+    """``state_dict()`` keys are exactly the official tensor names (spec §2.2)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.transformer = Transformer(cfg)
+        n_layers = cfg["num_layers"]
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight"):
+                continue
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("dense.weight", "dense_4h_to_h.weight")):
+                # residual-branch outputs start small so the stream is not swamped early
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, V]; mask [B, 1, T, T] bool (True = may attend) or causal."""
+        tr = self.transformer
+        cos, sin = tr.rotary_pos_emb.table(torch.arange(ids.shape[1], device=ids.device))
+        x = tr.embedding.word_embeddings(ids)
+        for layer in tr.encoder.layers:
+            x = layer(x, cos, sin, mask)
+        return tr.output_layer(tr.encoder.final_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+class Sampler:
+    """Draws [SEQ_LEN] training rows: ids, loss targets (-100 = ignored) and document ids."""
+
+    def __init__(self, workdir: Path, sp: spm.SentencePieceProcessor, seed: int, zh_share: float):
+        self.sp, self.rng, self.zh_share = sp, random.Random(seed), zh_share
+        sid = special_ids(sp.get_piece_size())
+        self.prefix = [sid["[gMASK]"], sid["sop"]]
+        self.eos = sp.eos_id()
+        self.plays = [w["text"] for w in read_jsonl(workdir / "train_en.jsonl")]
+        self.play_weights = [len(t) for t in self.plays]
+        # Windows start at the start of a non-blank line, never mid-word.
+        self.line_starts = [
+            [0] + [i + 1 for i in range(len(t) - 1) if t[i] == "\n" and t[i + 1] != "\n"]
+            for t in self.plays
+        ]
+        self.poems = read_jsonl(workdir / "train_zh.jsonl")
+        chats = read_jsonl(workdir / "chat_train.jsonl")
+        self.en_chats = [c for c in chats if c["query"].isascii()]
+
+    def english_window(self) -> list[int]:
+        k = self.rng.choices(range(len(self.plays)), weights=self.play_weights)[0]
+        start = self.rng.choice(self.line_starts[k])
+        # ~2.8 characters per token: 1200 characters always fill the window.
+        ids = self.sp.encode(self.plays[k][start : start + 1200])
+        return self.prefix + ids[: SEQ_LEN - 2]
+
+    def chat_doc(self, query: str, response: str) -> list[int]:
+        return self.prefix + self.sp.encode(chat_prompt(query) + response) + [self.eos]
+
+    def chinese_doc(self) -> list[int]:
+        poem = self.rng.choice(self.poems)
+        if self.rng.random() < 0.5:
+            return self.prefix + self.sp.encode(poem_plain(poem)) + [self.eos]
+        return self.chat_doc(poem["title"], poem_verse(poem))
+
+    def english_chat_doc(self) -> list[int]:
+        c = self.rng.choice(self.en_chats)
+        return self.chat_doc(c["query"], c["response"])
+
+    def packed(self, draw) -> tuple[list[int], list[int]]:
+        """Whole documents packed into one row; the last is cut at the row's end."""
+        ids, docs = [], []
+        while len(ids) < SEQ_LEN:
+            doc = draw()
+            docs += [(docs[-1] + 1) if docs else 0] * len(doc)
+            ids += doc
+        return ids[:SEQ_LEN], docs[:SEQ_LEN]
+
+    def row(self) -> tuple[list[int], list[int], list[int]]:
+        r = self.rng.random()
+        if r < self.zh_share:
+            ids, docs = self.packed(self.chinese_doc)
+        elif r < self.zh_share + 0.05:
+            ids, docs = self.packed(self.english_chat_doc)
+        else:
+            ids = self.english_window()
+            ids += [self.eos] * (SEQ_LEN - len(ids))  # only if the play ended early
+            docs = [0] * SEQ_LEN
+        # Predicting a document's [gMASK] sop prefix is meaningless: those targets are ignored.
+        targets = [t if t not in self.prefix else -100 for t in ids[1:]] + [-100]
+        return ids, targets, docs
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [self.row() for _ in range(size)]
+        ids, targets, docs = (torch.tensor([r[i] for r in rows]) for i in range(3))
+        causal = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()
+        mask = (docs[:, :, None] == docs[:, None, :]) & causal
+        return ids, targets, mask[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out perplexity (shared with evaluate_default_model.py)
+
+
+def heldout_documents(workdir: Path) -> dict[str, list[str]]:
+    """Per language, the held-out texts scored one by one after [gMASK] sop.
+
+    English: the held-out play cut at blank lines into pieces of at most ~500 characters.
+    Chinese: each held-out poem in the plain layout (title, author, verse).
+    """
+    play = read_jsonl(workdir / "heldout_en.jsonl")[0]["text"]
+    english, piece = [], ""
+    for block in play.split("\n\n"):
+        if piece and len(piece) + len(block) > 500:
+            english.append(piece)
+            piece = ""
+        piece = f"{piece}\n\n{block}" if piece else block
+    english.append(piece)
+    chinese = [poem_plain(p) for p in read_jsonl(workdir / "heldout_zh.jsonl")]
+    return {"en": english, "zh": chinese}
+
+
+def document_ids(text: str, sp: spm.SentencePieceProcessor) -> list[int]:
+    sid = special_ids(sp.get_piece_size())
+    return [sid["[gMASK]"], sid["sop"]] + sp.encode(text)
+
+
+def perplexity_from_nll(total_nll: float, texts: list[str]) -> float:
+    """Per-character perplexity: token negative log-likelihoods summed, divided by characters."""
+    return math.exp(total_nll / sum(len(t) for t in texts))
+
+
+@torch.no_grad()
+def torch_heldout_nll(model: TinyChatGLM2, sp, texts: list[str]) -> float:
+    """Summed NLL (float64) of every text token given [gMASK] sop and the tokens before it."""
+    total = 0.0
+    for text in texts:
+        ids = torch.tensor([document_ids(text, sp)])
+        logits = model(ids)[0, :-1].float()
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        total -= logp[torch.arange(1, ids.shape[1] - 1), ids[0, 2:]].sum().item()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def official_config(sp_size: int, seq_length: int = 2048) -> dict:
+    """Every key of the hub config.json (spec §1.1), with the tiny sizes."""
+    return {
+        "_name_or_path": "glm_numpy/default_model",
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForSequenceClassification": (
+                "modeling_chatglm.ChatGLMForSequenceClassification"
+            ),
+        },
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "ffn_hidden_size": SIZES["ffn_hidden_size"],
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": SIZES["hidden_size"],
+        "kv_channels": SIZES["kv_channels"],
+        "layernorm_epsilon": EPS,
+        "multi_query_attention": True,
+        "multi_query_group_num": SIZES["multi_query_group_num"],
+        "num_attention_heads": SIZES["num_attention_heads"],
+        "num_layers": SIZES["num_layers"],
+        "original_rope": True,
+        "padded_vocab_size": padded_vocab(sp_size),
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": seq_length,
+        "use_cache": True,
+        "torch_dtype": "float16",
+        "transformers_version": "4.27.1",
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+
+
+def export(model: TinyChatGLM2, sp_model: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    cfg = official_config(sp.get_piece_size())
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(sp_model, out / "tokenizer.model")
+    size = (out / "model.safetensors").stat().st_size
+    print(f"exported {len(tensors)} tensors ({size / 1e6:.1f} MB) to {out}", flush=True)
+
+
+def fp16_rounded(model: TinyChatGLM2) -> TinyChatGLM2:
+    """The shipped weights (float16) widened back to float32, for evaluation."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.float16).float())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def evaluate(model, sp, docs) -> dict[str, float]:
+    model.eval()
+    result = {
+        lang: perplexity_from_nll(torch_heldout_nll(model, sp, t), t) for lang, t in docs.items()
+    }
+    model.train()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/work/corpus"))
+    parser.add_argument("--out", type=Path, default=ASSETS)
+    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--zh-share", type=float, default=0.45)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=600)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--export-only", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    sp_model = args.workdir / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    cfg = official_config(sp.get_piece_size())
+    model = TinyChatGLM2(cfg)
+    ckpt_path = args.workdir / "checkpoint.pt"
+    docs = heldout_documents(args.workdir)
+
+    if args.export_only:
+        model.load_state_dict(torch.load(ckpt_path)["model"])
+        print(
+            "held-out per-char perplexity (fp16 weights):", evaluate(fp16_rounded(model), sp, docs)
+        )
+        export(model, sp_model, args.out)
+        return
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params:,} parameters; args {vars(args)}", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    step_fn = model if args.no_compile else torch.compile(model)
+    sampler = Sampler(args.workdir, sp, args.seed, args.zh_share)
+    vocab = cfg["padded_vocab_size"]
+    t0, tokens, smooth = time.time(), 0, None
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        ids, targets, mask = sampler.batch(args.batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = step_fn(ids, mask)
+        loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += ids.numel()
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.steps - 1:
+            dt = time.time() - t0
+            print(
+                f"step {step} loss {smooth:.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"tokens {tokens:,} {dt / 60:.1f} min {tokens / dt:,.0f} tok/s",
+                flush=True,
+            )
+        if (step + 1) % args.save_every == 0 or step == args.steps - 1:
+            torch.save({"model": model.state_dict(), "step": step + 1}, ckpt_path)
+            print(f"step {step + 1} held-out per-char ppl {evaluate(model, sp, docs)}", flush=True)
+
+    dt = time.time() - t0
+    print(f"trained {args.steps} steps, {tokens:,} tokens in {dt / 60:.1f} min", flush=True)
+    print("held-out per-char perplexity (fp16 weights):", evaluate(fp16_rounded(model), sp, docs))
+    export(model, sp_model, args.out)
+
+
+if __name__ == "__main__":
+    main()
