@@ -1,6 +1,7 @@
 """glm_numpy: a readable NumPy + numba interpreter for ChatGLM2-6B."""
 
 from glm_numpy.cache import KVCache
+from glm_numpy.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from glm_numpy.config import ChatGLM2Config, ConfigError
 from glm_numpy.generation import ChatSession, GenerationConfig, chat, generate, stream_chat
 from glm_numpy.model import ChatGLM2
@@ -11,12 +12,15 @@ __all__ = [
     "ChatGLM2Config",
     "ChatGLM2Tokenizer",
     "ChatSession",
+    "CheckpointError",
     "ConfigError",
     "GenerationConfig",
     "KVCache",
     "TokenizerError",
+    "UnsafeCheckpointError",
     "build_prompt",
     "chat",
     "generate",
+    "load_checkpoint",
     "stream_chat",
 ]

@@ -129,8 +129,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One id drawn from probs [V] (inverse of the cumulative distribution at a uniform draw)."""
     cumulative = np.cumsum(probs)
-    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")),
-               probs.shape[-1] - 1)
+    return min(
+        int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")),
+        probs.shape[-1] - 1,
+    )
 
 
 def next_token(
@@ -145,8 +147,11 @@ def next_token(
         return int(np.argmax(logits))
     logits = apply_temperature(logits, config.temperature)
     logits = top_k_filter(logits, config.top_k)
-    logits = top_p_filter(logits, config.top_p)
-    return sample(softmax(logits), rng)
+    # Only the ids top-k kept can be drawn; going on with them alone gives the same
+    # distribution without sorting the whole vocabulary.
+    candidates = np.flatnonzero(logits > -np.inf)
+    logits = top_p_filter(logits[candidates], config.top_p)
+    return int(candidates[sample(softmax(logits), rng)])
 
 
 # ---------------------------------------------------------------------------- generation loops
@@ -415,7 +420,7 @@ class ChatSession:
 
     def ask(self, query: str) -> str:
         """The whole reply to `query`."""
-        response = ""
-        for response in self.stream(query):
-            pass
-        return response
+        last = ""
+        for partial in self.stream(query):
+            last = partial
+        return last

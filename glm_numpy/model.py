@@ -55,7 +55,8 @@ class ChatGLM2:
         self.word_embeddings = weights["transformer.embedding.word_embeddings.weight"]  # [V, D]
         self.layers = [self._layer_weights(i) for i in range(config.num_layers)]
         self.final_layernorm = weights["transformer.encoder.final_layernorm.weight"]  # [D]
-        self.output_layer = self._linear_weight("transformer.output_layer")  # [V, D]
+        bits = config.quantization_bit
+        self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **options) -> ChatGLM2:
@@ -68,30 +69,9 @@ class ChatGLM2:
         validate_checkpoint(checkpoint, config)
         return cls(config, checkpoint, **options)
 
-    def _linear_weight(self, module: str) -> np.ndarray | QuantizedWeight:
-        """``<module>.weight``, paired with ``<module>.weight_scale`` when it is quantised."""
-        weight = self.weights[f"{module}.weight"]
-        scale = self.weights.get(f"{module}.weight_scale")
-        if scale is None:
-            return weight
-        bits = self.config.quantization_bit
-        in_features = weight.shape[1] * (2 if bits == 4 else 1)
-        # A 1-D scale is the official one-per-row scheme; a 2-D one holds a scale per group.
-        group_size = None if scale.ndim == 1 else in_features // scale.shape[1]
-        return QuantizedWeight(weight, scale, bits, group_size)
-
     def _layer_weights(self, i: int) -> LayerWeights:
-        prefix = f"transformer.encoder.layers.{i}"
-        attn, mlp = f"{prefix}.self_attention", f"{prefix}.mlp"
-        return LayerWeights(
-            input_layernorm=self.weights[f"{prefix}.input_layernorm.weight"],
-            query_key_value=self._linear_weight(f"{attn}.query_key_value"),
-            query_key_value_bias=self.weights.get(f"{attn}.query_key_value.bias"),
-            dense=self._linear_weight(f"{attn}.dense"),
-            post_attention_layernorm=self.weights[f"{prefix}.post_attention_layernorm.weight"],
-            dense_h_to_4h=self._linear_weight(f"{mlp}.dense_h_to_4h"),
-            dense_4h_to_h=self._linear_weight(f"{mlp}.dense_4h_to_h"),
-        )
+        prefix = f"transformer.encoder.layers.{i}."
+        return layer_weights(self.weights, prefix, self.config.quantization_bit)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence (layout in glm_numpy.cache)."""
@@ -162,69 +142,12 @@ class ChatGLM2:
         x = embedding(ids, self.word_embeddings)  # [B, T, D]
         keep("embedding", x)
         for i, w in enumerate(self.layers):
-            x = self._block(i, w, x, (cos, sin), caches, slots, allowed, keep)
+            x = transformer_block(c, i, w, x, (cos, sin), caches, slots, allowed, keep)
         h = rms_norm(x, self.final_layernorm, c.layernorm_epsilon)  # [B, T, D]
         keep("final_layernorm", h)
         logits = lm_head(h, self.output_layer, last_only=last_only)  # [B, T, V]
         keep("logits", logits)
         return logits
-
-    def _block(self, i, w: LayerWeights, x, rotary, caches, slots, allowed, keep) -> np.ndarray:
-        """x [B, T, D] -> [B, T, D]: pre-norm attention and MLP, each with its residual."""
-        c = self.config
-        name = f"layers.{i}"
-        keep(f"{name}.input", x)
-        a = rms_norm(x, w.input_layernorm, c.layernorm_epsilon)  # [B, T, D]
-        keep(f"{name}.input_layernorm", a)
-        attn = self._self_attention(i, w, a, rotary, caches, slots, allowed, keep)  # [B, T, D]
-        x1 = x + attn  # [B, T, D]
-        keep(f"{name}.residual_attention", x1)
-        m = rms_norm(x1, w.post_attention_layernorm, c.layernorm_epsilon)  # [B, T, D]
-        keep(f"{name}.post_attention_layernorm", m)
-        u = linear(m, w.dense_h_to_4h)  # [B, T, 2F]
-        gate, up, act = swiglu_act(u)  # [B, T, F] each
-        keep(f"{name}.mlp_gate", gate)
-        keep(f"{name}.mlp_up", up)
-        keep(f"{name}.mlp_act", act)
-        mlp = linear(act, w.dense_4h_to_h)  # [B, T, D]
-        keep(f"{name}.mlp_output", mlp)
-        out = x1 + mlp  # [B, T, D]
-        keep(f"{name}.output", out)
-        return out
-
-    def _self_attention(self, i, w: LayerWeights, a, rotary, caches, slots, allowed, keep):
-        """a [B, T, D] -> [B, T, D]: fused q|k|v projection, rotary, cache, GQA, dense."""
-        c = self.config
-        H, G, Dh = c.num_attention_heads, c.num_kv_groups, c.head_dim
-        B, T, _ = a.shape
-        name = f"layers.{i}.attention"
-        qkv = linear(a, w.query_key_value, w.query_key_value_bias)  # [B, T, (H+2G)*Dh]
-        q = qkv[..., : H * Dh].reshape(B, T, H, Dh)  # [B, T, H, Dh]
-        k = qkv[..., H * Dh : (H + G) * Dh].reshape(B, T, G, Dh)  # [B, T, G, Dh]
-        v = qkv[..., (H + G) * Dh :].reshape(B, T, G, Dh)  # [B, T, G, Dh]
-        keep(f"{name}.q", q)
-        keep(f"{name}.k", k)
-        keep(f"{name}.v", v)
-        cos, sin = rotary
-        q = apply_rotary(q, cos, sin)  # [B, T, H, Dh]
-        k = apply_rotary(k, cos, sin)  # [B, T, G, Dh]
-        keep(f"{name}.q_rotary", q)
-        keep(f"{name}.k_rotary", k)
-        context = np.empty((B, T, H, Dh), dtype=np.float32)
-        for b, cache in enumerate(caches):
-            cache.store(i, slots[b], k[b], v[b])  # keys are cached after rotary
-            keys, values = cache.keys(i), cache.values(i)  # [S, G, Dh]
-            scores = attention_scores(q[b], keys)  # [H, T, S]
-            probs = masked_softmax(scores, allowed[b])  # [H, T, S]
-            context[b] = attend(probs, values)  # [T, H, Dh]
-            if b == 0:
-                keep(f"{name}.scores", scores[None])
-                keep(f"{name}.probs", probs[None])
-        context = context.reshape(B, T, H * Dh)  # heads side by side, head h at h*Dh
-        keep(f"{name}.context", context)
-        out = linear(context, w.dense)  # [B, T, D]
-        keep(f"{name}.output", out)
-        return out
 
     # ------------------------------------------------------------------ chat (glm_numpy.generation)
     def chat(self, tokenizer, query: str, history=None, **sampling):
@@ -247,3 +170,120 @@ def attention_allowed(cache: KVCache, slots: slice) -> np.ndarray:
     query_slot = np.arange(slots.start, slots.stop)[:, None]  # [T, 1]
     key_slot = np.arange(S)[None, :]  # [1, S]
     return ((key_slot <= query_slot) & cache.is_token[None, :]) | (key_slot == query_slot)
+
+
+def linear_weight(weights: Mapping[str, np.ndarray], module: str, bits: int):
+    """``<module>.weight`` [O, I], paired with ``<module>.weight_scale`` when it is quantised."""
+    weight = weights[f"{module}.weight"]
+    scale = weights.get(f"{module}.weight_scale")
+    if scale is None:
+        return weight
+    in_features = weight.shape[1] * (2 if bits == 4 else 1)
+    # A 1-D scale is the official one-per-row scheme; a 2-D one holds a scale per group.
+    group_size = None if scale.ndim == 1 else in_features // scale.shape[1]
+    return QuantizedWeight(weight, scale, bits, group_size)
+
+
+def layer_weights(weights: Mapping[str, np.ndarray], prefix: str = "", bits: int = 0):
+    """One block's weights from a mapping that uses the official names after ``prefix``
+    (e.g. "transformer.encoder.layers.3." in a checkpoint, "" for a dict of short names)."""
+    attn, mlp = f"{prefix}self_attention", f"{prefix}mlp"
+    return LayerWeights(
+        input_layernorm=weights[f"{prefix}input_layernorm.weight"],
+        query_key_value=linear_weight(weights, f"{attn}.query_key_value", bits),
+        query_key_value_bias=weights.get(f"{attn}.query_key_value.bias"),
+        dense=linear_weight(weights, f"{attn}.dense", bits),
+        post_attention_layernorm=weights[f"{prefix}post_attention_layernorm.weight"],
+        dense_h_to_4h=linear_weight(weights, f"{mlp}.dense_h_to_4h", bits),
+        dense_4h_to_h=linear_weight(weights, f"{mlp}.dense_4h_to_h", bits),
+    )
+
+
+def block(
+    x: np.ndarray,
+    weights: LayerWeights,
+    config: ChatGLM2Config,
+    positions: np.ndarray | None = None,
+    reference_fp16_rotary: bool = False,
+) -> np.ndarray:
+    """One transformer block over a whole sequence without a cache: x [T, D] -> [T, D].
+
+    The same computation as inside ``ChatGLM2.forward`` (it calls the same function), for
+    notebooks and exercises that look at a single block. positions [T] default to 0..T-1.
+    """
+    T = x.shape[0]
+    positions = np.arange(T) if positions is None else np.asarray(positions)
+    rotary = rotary_table(positions[None], config.rotary_dim, reference_fp16=reference_fp16_rotary)
+    cache = KVCache(1, config.num_kv_groups, config.head_dim)
+    slots = cache.extend(np.ones(T, dtype=bool))
+    allowed = [attention_allowed(cache, slots)]
+    out = transformer_block(config, 0, weights, x[None], rotary, [cache], [slots], allowed, _skip)
+    return out[0]
+
+
+def _skip(name: str, array: np.ndarray) -> None:
+    """A trace recorder that keeps nothing."""
+
+
+def transformer_block(config, i, w: LayerWeights, x, rotary, caches, slots, allowed, keep):
+    """x [B, T, D] -> [B, T, D]: pre-norm attention and MLP, each with its residual.
+
+    i is the layer index (in the caches and the trace names); rotary = (cos, sin) [B, T, R/2];
+    caches/slots/allowed: per row, the KV cache, its new slots and the [T, S] attention mask;
+    keep(name, array) records intermediates for the trace.
+    """
+    c = config
+    name = f"layers.{i}"
+    keep(f"{name}.input", x)
+    a = rms_norm(x, w.input_layernorm, c.layernorm_epsilon)  # [B, T, D]
+    keep(f"{name}.input_layernorm", a)
+    attn = self_attention(config, i, w, a, rotary, caches, slots, allowed, keep)  # [B, T, D]
+    x1 = x + attn  # [B, T, D]
+    keep(f"{name}.residual_attention", x1)
+    m = rms_norm(x1, w.post_attention_layernorm, c.layernorm_epsilon)  # [B, T, D]
+    keep(f"{name}.post_attention_layernorm", m)
+    u = linear(m, w.dense_h_to_4h)  # [B, T, 2F]
+    gate, up, act = swiglu_act(u)  # [B, T, F] each
+    keep(f"{name}.mlp_gate", gate)
+    keep(f"{name}.mlp_up", up)
+    keep(f"{name}.mlp_act", act)
+    mlp = linear(act, w.dense_4h_to_h)  # [B, T, D]
+    keep(f"{name}.mlp_output", mlp)
+    out = x1 + mlp  # [B, T, D]
+    keep(f"{name}.output", out)
+    return out
+
+
+def self_attention(config, i, w: LayerWeights, a, rotary, caches, slots, allowed, keep):
+    """a [B, T, D] -> [B, T, D]: fused q|k|v projection, rotary, cache, GQA, dense."""
+    c = config
+    H, G, Dh = c.num_attention_heads, c.num_kv_groups, c.head_dim
+    B, T, _ = a.shape
+    name = f"layers.{i}.attention"
+    qkv = linear(a, w.query_key_value, w.query_key_value_bias)  # [B, T, (H+2G)*Dh]
+    q = qkv[..., : H * Dh].reshape(B, T, H, Dh)  # [B, T, H, Dh]
+    k = qkv[..., H * Dh : (H + G) * Dh].reshape(B, T, G, Dh)  # [B, T, G, Dh]
+    v = qkv[..., (H + G) * Dh :].reshape(B, T, G, Dh)  # [B, T, G, Dh]
+    keep(f"{name}.q", q)
+    keep(f"{name}.k", k)
+    keep(f"{name}.v", v)
+    cos, sin = rotary
+    q = apply_rotary(q, cos, sin)  # [B, T, H, Dh]
+    k = apply_rotary(k, cos, sin)  # [B, T, G, Dh]
+    keep(f"{name}.q_rotary", q)
+    keep(f"{name}.k_rotary", k)
+    context = np.empty((B, T, H, Dh), dtype=np.float32)
+    for b, cache in enumerate(caches):
+        cache.store(i, slots[b], k[b], v[b])  # keys are cached after rotary
+        keys, values = cache.keys(i), cache.values(i)  # [S, G, Dh]
+        scores = attention_scores(q[b], keys)  # [H, T, S]
+        probs = masked_softmax(scores, allowed[b])  # [H, T, S]
+        context[b] = attend(probs, values)  # [T, H, Dh]
+        if b == 0:
+            keep(f"{name}.scores", scores[None])
+            keep(f"{name}.probs", probs[None])
+    context = context.reshape(B, T, H * Dh)  # heads side by side, head h at h*Dh
+    keep(f"{name}.context", context)
+    out = linear(context, w.dense)  # [B, T, D]
+    keep(f"{name}.output", out)
+    return out

@@ -151,6 +151,7 @@ class ChatGLM2Tokenizer:
     def _check_ids(self, ids: Sequence[int]) -> None:
         for i in ids:
             if not 0 <= int(i) < self.vocab_size:
+                last = self.vocab_size - 1
                 raise TokenizerError(
-                    f"token id {int(i)} has no text: this tokenizer's ids are 0..{self.vocab_size - 1}"
+                    f"token id {int(i)} has no text: this tokenizer's ids are 0..{last}"
                 )

@@ -36,7 +36,7 @@ def glm_state_dict(config: ChatGLM2Config, weights) -> dict[str, torch.Tensor]:
     rows = {"q": (0, H * Dh), "k": (H * Dh, (H + G) * Dh), "v": ((H + G) * Dh, (H + 2 * G) * Dh)}
 
     def tensor(name):
-        return torch.from_numpy(np.ascontiguousarray(to_float32(weights[name])))
+        return torch.from_numpy(np.array(to_float32(weights[name])))  # a writable copy
 
     state = {
         "model.embed_tokens.weight": tensor("transformer.embedding.word_embeddings.weight"),

@@ -63,7 +63,9 @@ def layer_tensors(config: ChatGLM2Config, i: int) -> list[TensorSpec]:
     specs = [TensorSpec(p + "input_layernorm.weight", (D,), "norm")]
     specs += linear(config, p + "self_attention.query_key_value", config.qkv_size, D)
     if config.add_qkv_bias:
-        specs.append(TensorSpec(p + "self_attention.query_key_value.bias", (config.qkv_size,), "bias"))
+        specs.append(
+            TensorSpec(p + "self_attention.query_key_value.bias", (config.qkv_size,), "bias")
+        )
     specs += linear(config, p + "self_attention.dense", D, HDh)
     specs.append(TensorSpec(p + "post_attention_layernorm.weight", (D,), "norm"))
     specs += linear(config, p + "mlp.dense_h_to_4h", 2 * F, D)  # gate and up, stacked

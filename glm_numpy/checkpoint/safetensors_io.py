@@ -63,7 +63,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, dict[str, str], int
         raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")

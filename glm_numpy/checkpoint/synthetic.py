@@ -205,7 +205,9 @@ def shard_file_name(fmt: str, k: int, n: int) -> str:
 
 
 def index_file_name(fmt: str) -> str:
-    return "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    return (
+        "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    )
 
 
 def default_shard_writer(fmt: str) -> ShardWriter:

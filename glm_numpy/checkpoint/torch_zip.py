@@ -155,9 +155,12 @@ class TorchZipArchive:
     def _data_start(self, info: zipfile.ZipInfo) -> int:
         """Where a record's bytes begin: after its *local* header, whose name and extra field
         lengths may differ from the central directory's (torch pads the extra for alignment)."""
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            header = f.read(30)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(info.header_offset)
+                header = f.read(30)
+        except (OSError, ValueError, OverflowError):
+            header = b""
         if len(header) < 30 or header[:4] != ZIP_MAGIC:
             raise CheckpointError(f"{self.path}: corrupt local header for {info.filename!r}")
         name_length, extra_length = struct.unpack("<HH", header[26:30])

@@ -51,19 +51,20 @@ def checkpoint_problems(checkpoint: Mapping[str, np.ndarray], config: ChatGLM2Co
     """Every mismatch as a line of text naming the file and the tensor (empty when fine)."""
     expected = {spec.name: spec for spec in official_tensors(config)}
     source = _source_function(checkpoint)
-    problems = [
+    wrong, unexpected = [], []
+    for name, array in checkpoint.items():
+        spec = expected.get(name)
+        if spec is None:
+            unexpected.append(f"{source(name)}: unexpected tensor {name!r} {_describe(array)}")
+        elif problem := tensor_problem(spec, array, config):
+            wrong.append(f"{source(name)}: tensor {name!r}: {problem}")
+    missing = [
         f"missing tensor {name!r} (expected shape {list(spec.shape)})"
         for name, spec in expected.items()
         if name not in checkpoint
     ]
-    for name, array in checkpoint.items():
-        spec = expected.get(name)
-        if spec is None:
-            problems.append(f"{source(name)}: unexpected tensor {name!r} {_describe(array)}")
-            continue
-        problem = tensor_problem(spec, array, config)
-        if problem:
-            problems.append(f"{source(name)}: tensor {name!r}: {problem}")
+    # Wrong tensors first: they usually explain the rest (e.g. a config for another size).
+    problems = wrong + unexpected + missing
     problems += _index_size_problems(checkpoint)
     return problems
 

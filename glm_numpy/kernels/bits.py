@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 @intrinsic
@@ -39,3 +39,18 @@ def bf16_bits_to_float32(typingctx, bits):
         return builder.bitcast(shifted, ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+def scale_to_float32(value):
+    """A quantisation scale as float32: float16 scales arrive as their uint16 bits (widened
+    here), float32 ones as they are. Resolved per argument type when a kernel compiles."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(scale_to_float32)
+def _scale_to_float32(value):
+    if value == types.uint16:
+        return lambda value: fp16_bits_to_float32(value)
+    if value == types.float32:
+        return lambda value: value
+    return None

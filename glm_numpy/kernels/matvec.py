@@ -1,16 +1,18 @@
 """Decode kernels: y = x @ W.T for a few rows of x, reading W once in its stored form.
 
-One decoded token multiplies a single activation row by every weight matrix, so the time is
-the time to stream the weights from memory. Each kernel widens the stored values to float32 in
+One decoded token multiplies a single activation row by every weight matrix, so the time is the
+time to stream the weights from memory. Each kernel widens the stored values to float32 in
 registers (never in memory) and splits the output rows between the threads with ``prange``.
 
     x [T, I] float32 (T small), W [O, I] stored as
-      fp16 / bf16 bits (uint16)                  -> matvec_fp16 / matvec_bf16
-      int8, scale [O, N] (N groups per row)      -> matvec_int8
-      int4 nibble pairs as uint8 [O, I/2], scale -> matvec_int4
+      fp16 / bf16 bits (uint16)                     -> matvec_fp16 / matvec_bf16
+      int8 [O, I], scale [O, N] (N groups per row)  -> matvec_int8
+      int4 nibble pairs, uint8 [O, I/2], scale      -> matvec_int4
     -> out [T, O] float32
 
 Per-row scales (the official scheme) are the case N = 1: one group spanning the whole row.
+The inner loops run over 1-D slices and widen integers through int32: written that way LLVM turns
+them into 8-wide AVX2 loops (2-D indexing or int64 conversions fall back to scalar code).
 """
 
 from __future__ import annotations
@@ -18,76 +20,103 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
+from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32, scale_to_float32
 
 # Let LLVM reorder float sums (reassoc) so the inner loops vectorise; inf/NaN semantics are kept.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _dot_fp16(w, x):
+    """w [I] uint16 fp16 bits, x [I] float32 -> w · x."""
+    acc = np.float32(0.0)
+    for i in range(w.shape[0]):
+        acc += fp16_bits_to_float32(w[i]) * x[i]
+    return acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dot_bf16(w, x):
+    """w [I] uint16 bf16 bits, x [I] float32 -> w · x."""
+    acc = np.float32(0.0)
+    for i in range(w.shape[0]):
+        acc += bf16_bits_to_float32(w[i]) * x[i]
+    return acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dot_int8(q, x):
+    """q [n] int8, x [n] float32 -> q · x."""
+    acc = np.float32(0.0)
+    for i in range(q.shape[0]):
+        acc += np.float32(np.int32(q[i])) * x[i]
+    return acc
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dot_int4_offset(packed, x_even, x_odd):
+    """packed [n] uint8, x_even/x_odd [n] float32 -> sum over both nibbles of (s + 8) * x.
+
+    Flipping bit 3 of a signed nibble s in -8..7 (xor 8) gives s + 8 in 0..15, an unsigned value
+    that widens to float without a branch; the caller takes the + 8 back once per group.
+    """
+    acc = np.float32(0.0)
+    for k in range(packed.shape[0]):
+        b = np.int32(packed[k]) ^ 0x88
+        acc += np.float32(np.int32(b >> 4)) * x_even[k] + np.float32(np.int32(b & 15)) * x_odd[k]
+    return acc
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_fp16(x, w, out):
     """x [T, I] float32, w [O, I] uint16 (fp16 bits) -> out [T, O] = x @ W.T."""
-    T, I = x.shape
     for o in prange(w.shape[0]):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += fp16_bits_to_float32(w[o, i]) * x[t, i]
-            out[t, o] = acc
+        for t in range(x.shape[0]):
+            out[t, o] = _dot_fp16(w[o], x[t])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_bf16(x, w, out):
     """x [T, I] float32, w [O, I] uint16 (bf16 bits) -> out [T, O] = x @ W.T."""
-    T, I = x.shape
     for o in prange(w.shape[0]):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += bf16_bits_to_float32(w[o, i]) * x[t, i]
-            out[t, o] = acc
+        for t in range(x.shape[0]):
+            out[t, o] = _dot_bf16(w[o], x[t])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_int8(x, q, scale, out):
-    """x [T, I] float32, q [O, I] int8, scale [O, N] float32 -> out [T, O].
+    """x [T, I] float32, q [O, I] int8, scale [O, N] (float32, or float16 bits) -> out [T, O].
 
-    W[o, i] = q[o, i] * scale[o, i // (I/N)]: each group's integer dot product is scaled once.
+    W[o, i] = q[o, i] * scale[o, i // (I/N)]: each group's dot product is scaled once.
     """
-    T, I = x.shape
     n_groups = scale.shape[1]
-    group = I // n_groups
+    group = x.shape[1] // n_groups
     for o in prange(q.shape[0]):
-        for t in range(T):
+        row = q[o]
+        for t in range(x.shape[0]):
             total = np.float32(0.0)
             for g in range(n_groups):
-                acc = np.float32(0.0)
-                for i in range(g * group, (g + 1) * group):
-                    acc += np.float32(q[o, i]) * x[t, i]
-                total += acc * scale[o, g]
+                cols = slice(g * group, (g + 1) * group)
+                total += _dot_int8(row[cols], x[t, cols]) * scale_to_float32(scale[o, g])
             out[t, o] = total
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out):
-    """x_even/x_odd [T, I/2] (columns 0,2,4.. / 1,3,5.. of x), x_group_sums [T, N] (sum of x over
-    each group), packed [O, I/2] uint8, scale [O, N] float32 -> out [T, O].
+    """x_even/x_odd [T, I/2] (columns 0,2,4.. and 1,3,5.. of x), x_group_sums [T, N] (x summed
+    over each group), packed [O, I/2] uint8, scale [O, N] (float32, or float16 bits) -> out [T, O].
 
-    Byte k of a row holds signed nibbles for columns 2k (high) and 2k+1 (low). Flipping bit 3 of
-    a nibble (xor 8) maps its signed value s in -8..7 to s + 8 in 0..15, so both nibbles of
-    ``byte ^ 0x88`` widen to float without a branch, and the +8 is taken back once per group:
-    sum((s + 8) * x) - 8 * sum(x).
+    Byte k of a row holds the signed nibbles of columns 2k (high) and 2k+1 (low).
     """
-    T, half = x_even.shape
     n_groups = scale.shape[1]
-    group = half // n_groups  # packed bytes per group
+    group = x_even.shape[1] // n_groups  # packed bytes per group
+    eight = np.float32(8.0)
     for o in prange(packed.shape[0]):
-        for t in range(T):
+        row = packed[o]
+        for t in range(x_even.shape[0]):
             total = np.float32(0.0)
             for g in range(n_groups):
-                acc = np.float32(0.0)
-                for k in range(g * group, (g + 1) * group):
-                    b = packed[o, k] ^ np.uint8(0x88)
-                    acc += np.float32(b >> 4) * x_even[t, k] + np.float32(b & 15) * x_odd[t, k]
-                total += (acc - np.float32(8.0) * x_group_sums[t, g]) * scale[o, g]
+                cols = slice(g * group, (g + 1) * group)
+                offset_dot = _dot_int4_offset(row[cols], x_even[t, cols], x_odd[t, cols])
+                total += (offset_dot - eight * x_group_sums[t, g]) * scale_to_float32(scale[o, g])
             out[t, o] = total

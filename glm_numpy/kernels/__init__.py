@@ -1,0 +1,23 @@
+"""numba kernels: the hot loops of the forward pass, each tested to agree with the readable
+NumPy layer it speeds up (glm_numpy/layers).
+
+- matvec: decode, y = x @ W.T for a few rows, streaming W once in its stored 16-bit or
+  quantised form (the time per token is the time to read the weights from memory);
+- widen:  prefill, W widened to float32 a block of rows at a time for BLAS sgemm;
+- dispatch: `project` picks one of the two for ``glm_numpy.layers.linear``.
+
+Threads: numba runs its parallel loops on an OpenMP pool and numpy's sgemm on OpenBLAS's
+threads. Both pools spin-wait between jobs by default, so when a prefill alternates between a
+numba widening step and an sgemm the idle pool keeps burning the 2 cores the other one needs
+(a 10 ms step became 45 ms). ``OMP_WAIT_POLICY=PASSIVE`` makes OpenMP's workers sleep instead.
+OpenMP reads it once, when numba first loads its threading layer, which happens lazily at the
+first parallel kernel call — after this import. A value the user set is kept.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from glm_numpy.kernels.dispatch import project  # noqa: E402  (after the environment is set)
+
+__all__ = ["project"]

@@ -1,0 +1,121 @@
+"""``project(x, w)`` = x @ W.T for a weight in any stored form, on the numba kernels.
+
+This is what ``glm_numpy.layers.linear`` runs; ``linear_reference`` there is the readable NumPy
+definition it is tested against. Two regimes:
+
+- decode (at most DECODE_ROWS rows of x): W is read once, straight from its stored form, by a
+  matvec kernel — the time is the time to stream W from memory;
+- prefill (more rows): W is widened to float32 BLOCK_ROWS rows at a time and multiplied by BLAS
+  sgemm, which is compute-bound and faster than any numba loop at this size.
+
+float32 weights go to numpy's matmul directly (BLAS is already at the bandwidth limit there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glm_numpy.dtypes import BFLOAT16, to_float32
+from glm_numpy.kernels import matvec, widen
+from glm_numpy.quantize import QuantizedWeight
+
+DECODE_ROWS = 4  # up to this many rows the matvec kernels win over widening + sgemm
+BLOCK_ROWS = 256  # rows widened per sgemm block: 256 x 4096 x 4 B = 4 MiB, stays in the L3
+
+
+def project(x: np.ndarray, w) -> np.ndarray:
+    """x [T, I], w [O, I] (float32, float16, bfloat16 bits as uint16, or QuantizedWeight)
+    -> x @ W.T [T, O] float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)  # [T, I]
+    if isinstance(w, QuantizedWeight):
+        stored = _quantized(w)
+    elif w.dtype == np.float32:
+        return x @ w.T
+    elif w.dtype in (np.float16, BFLOAT16):
+        stored = _sixteen_bit(w)
+    else:
+        raise TypeError(f"linear: cannot multiply by a weight of dtype {w.dtype}")
+    rows = stored.rows
+    if x.shape[1] != stored.columns:
+        raise ValueError(
+            f"linear: x has {x.shape[1]} features, the weight expects {stored.columns}"
+        )
+    if x.shape[0] <= DECODE_ROWS:
+        out = np.empty((x.shape[0], rows), dtype=np.float32)  # [T, O]
+        stored.matvec(x, out)
+        return out
+    out_t = np.empty((rows, x.shape[0]), dtype=np.float32)  # [O, T]: each block's rows contiguous
+    buffer = np.empty((min(BLOCK_ROWS, rows), stored.columns), dtype=np.float32)  # [rows, I]
+    for start in range(0, rows, BLOCK_ROWS):
+        block = buffer[: min(BLOCK_ROWS, rows - start)]
+        stored.widen(start, block)
+        np.matmul(block, x.T, out=out_t[start : start + len(block)])
+    return np.ascontiguousarray(out_t.T)
+
+
+class _Stored:
+    """A weight as the kernels take it: read-only C-contiguous arrays, one kind of kernel each."""
+
+    def __init__(self, rows: int, columns: int, matvec, widen):
+        self.rows, self.columns = rows, columns
+        self.matvec = matvec  # (x [T, I], out [T, O]) -> None
+        self.widen = widen  # (start, out [n, I]) -> None
+
+
+def _kernel_view(array: np.ndarray, dtype) -> np.ndarray:
+    """A C-contiguous, read-only view (a copy only if the stored array is not contiguous).
+
+    Read-only because memory-mapped checkpoints are: numba compiles a separate specialisation
+    for read-only arrays, so every caller passing the same kind keeps it to one compilation."""
+    view = np.ascontiguousarray(array).view(dtype)
+    view.flags.writeable = False
+    return view
+
+
+def _scale_view(scale: np.ndarray, rows: int) -> np.ndarray:
+    """scale [O] or [O, N] (float16/float32/bfloat16 bits) -> [O, N]: float16 scales are kept as
+    their bits (the kernels widen them), others are widened to float32 here."""
+    scale = scale.reshape(rows, -1)
+    if scale.dtype == np.float16:
+        return _kernel_view(scale, np.uint16)
+    return _kernel_view(to_float32(scale), np.float32)
+
+
+def _sixteen_bit(w: np.ndarray) -> _Stored:
+    bits = _kernel_view(w, np.uint16)  # [O, I]
+    if w.dtype == np.float16:
+        mv, wd = matvec.matvec_fp16, widen.widen_fp16
+    else:
+        mv, wd = matvec.matvec_bf16, widen.widen_bf16
+    return _Stored(
+        *bits.shape,
+        matvec=lambda x, out: mv(x, bits, out),
+        widen=lambda start, out: wd(bits, start, out),
+    )
+
+
+def _quantized(w: QuantizedWeight) -> _Stored:
+    rows, columns = w.shape
+    scale = _scale_view(w.scale, rows)  # [O, N]
+    if w.bits == 8:
+        q = _kernel_view(w.q, np.int8)  # [O, I]
+        return _Stored(
+            rows,
+            columns,
+            matvec=lambda x, out: matvec.matvec_int8(x, q, scale, out),
+            widen=lambda start, out: widen.widen_int8(q, scale, start, out),
+        )
+    packed = _kernel_view(w.q, np.uint8)  # [O, I/2]
+
+    def int4_matvec(x: np.ndarray, out: np.ndarray) -> None:
+        x_even = np.ascontiguousarray(x[:, 0::2])  # [T, I/2]
+        x_odd = np.ascontiguousarray(x[:, 1::2])  # [T, I/2]
+        x_group_sums = x.reshape(x.shape[0], scale.shape[1], -1).sum(axis=-1)  # [T, N]
+        matvec.matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out)
+
+    return _Stored(
+        rows,
+        columns,
+        matvec=int4_matvec,
+        widen=lambda start, out: widen.widen_int4(packed, scale, start, out),
+    )

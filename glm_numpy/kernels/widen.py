@@ -1,0 +1,57 @@
+"""Prefill kernels: widen a block of stored weight rows to float32, for a BLAS sgemm to consume.
+
+With many tokens the product is compute-bound and BLAS's sgemm is the fastest multiplier at
+hand, but it needs float32 weights and a float32 copy of the model does not fit in memory. So
+``project`` widens W a block of rows at a time into a reused float32 buffer (small enough to
+stay in cache) and multiplies each block as soon as it is ready.
+
+    rows [start, stop) of W [O, I] in its stored form -> out [stop - start, I] float32
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32, scale_to_float32
+
+
+@njit(parallel=True, cache=True)
+def widen_fp16(w, start, out):
+    """w [O, I] uint16 (fp16 bits) -> out [n, I] = W[start : start + n] as float32."""
+    for r in prange(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[r, i] = fp16_bits_to_float32(w[start + r, i])
+
+
+@njit(parallel=True, cache=True)
+def widen_bf16(w, start, out):
+    """w [O, I] uint16 (bf16 bits) -> out [n, I] = W[start : start + n] as float32."""
+    for r in prange(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[r, i] = bf16_bits_to_float32(w[start + r, i])
+
+
+@njit(parallel=True, cache=True)
+def widen_int8(q, scale, start, out):
+    """q [O, I] int8, scale [O, N] (float32, or float16 bits)
+    -> out [n, I] = (q * scale)[start : start + n]."""
+    group = out.shape[1] // scale.shape[1]
+    for r in prange(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[r, i] = np.float32(np.int32(q[start + r, i])) * scale_to_float32(
+                scale[start + r, i // group]
+            )
+
+
+@njit(parallel=True, cache=True)
+def widen_int4(packed, scale, start, out):
+    """packed [O, I/2] uint8 (column 2k in the high nibble of byte k, 2k+1 in the low one),
+    scale [O, N] (float32, or float16 bits) -> out [n, I] = W[start : start + n] as float32."""
+    group = out.shape[1] // scale.shape[1]
+    for r in prange(out.shape[0]):
+        for k in range(packed.shape[1]):
+            b = np.int32(packed[start + r, k]) ^ 0x88  # both nibbles as s + 8 (see matvec)
+            s = scale_to_float32(scale[start + r, (2 * k) // group])
+            out[r, 2 * k] = np.float32(np.int32(b >> 4) - 8) * s
+            out[r, 2 * k + 1] = np.float32(np.int32(b & 15) - 8) * s
