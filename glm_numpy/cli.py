@@ -5,6 +5,9 @@
     glm-numpy inspect                config, every tensor, parameter count
     glm-numpy convert SRC DST        a checkpoint rewritten as safetensors (optionally re-typed)
     glm-numpy make-random-checkpoint DST   random weights in the official layout
+    glm-numpy quantize SRC DST --bits 8|4   an int8/int4 copy (per row, or --group-size N)
+    glm-numpy perplexity FILE        sliding-window perplexity of a text file
+    glm-numpy check FILE.py          grade a student's exercise file (glm_numpy.exercises)
 
 Each subcommand is a pair registered in COMMANDS: ``add_<name>_parser(subparsers)`` declares
 its arguments and ``run_<name>(args) -> exit code`` does the work. Bad input of any kind is
@@ -55,13 +58,44 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
     defaults = GenerationConfig()
-    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 turns top-k off")
-    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    limit = "the context limit" if max_new_tokens is None else max_new_tokens
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"at most N new tokens (default: {limit})",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        metavar="T",
+        help=f"> 0; below 1 sharpens, above 1 flattens (default: {defaults.temperature})",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=defaults.top_p,
+        metavar="P",
+        help=f"in (0, 1]: sample from the likeliest tokens of mass P (default: {defaults.top_p})",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=defaults.top_k,
+        metavar="K",
+        help=f"sample from the K likeliest tokens; 0 turns it off (default: {defaults.top_k})",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=defaults.repetition_penalty,
+        metavar="R",
+        help="> 0; above 1 makes tokens already seen less likely (default: 1.0, off)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
 
@@ -141,7 +175,7 @@ def add_generate_parser(subparsers) -> None:
         help="wrap PROMPT in the chat template ([Round 1] 问：PROMPT 答：) and tidy the reply",
     )
     add_model_argument(parser)
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, max_new_tokens=256)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -178,7 +212,7 @@ CHAT_HELP = "Commands: /clear forgets the conversation, /history shows it, /exit
 def add_chat_parser(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="an interactive conversation, streaming")
     add_model_argument(parser)
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, max_new_tokens=None)  # as the official chat: max_length only
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -307,6 +341,108 @@ def run_make_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- quantisation
+def add_quantize_parser(subparsers) -> None:
+    parser = subparsers.add_parser("quantize", help="an int8/int4 copy of a checkpoint")
+    parser.add_argument("src", metavar="SRC", help="checkpoint directory (16- or 32-bit)")
+    parser.add_argument("dst", metavar="DST", help="new directory (must not exist)")
+    parser.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="one scale per N input columns (e.g. 64 or 128); default: one per row (official)",
+    )
+    parser.add_argument(
+        "--quantize-output-layer",
+        action="store_true",
+        help="quantise the output layer too (the official scheme keeps it 16-bit)",
+    )
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from glm_numpy.quantize import quantize_checkpoint
+
+    try:
+        path = quantize_checkpoint(
+            args.src, args.dst, args.bits, args.group_size, args.quantize_output_layer
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    print(path)
+    return 0
+
+
+def add_perplexity_parser(subparsers) -> None:
+    parser = subparsers.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    parser.add_argument("file", metavar="FILE", help="UTF-8 text")
+    add_model_argument(parser)
+    parser.add_argument("--window", type=int, default=512, metavar="N", help="tokens per pass")
+    parser.add_argument(
+        "--stride", type=int, default=256, metavar="N", help="tokens between window starts"
+    )
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from glm_numpy.perplexity import perplexity
+
+    directory = model_directory(args.model)
+    config = ChatGLM2Config.from_json(directory / "config.json")
+    if not 1 <= args.stride <= args.window <= config.seq_length:
+        raise CliError(
+            f"need 1 <= --stride ({args.stride}) <= --window ({args.window}) <= the model's "
+            f"seq_length ({config.seq_length})"
+        )
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"{args.file}: cannot read as UTF-8 text ({err})") from None
+    ids = open_tokenizer(directory, config).encode(text)
+    if len(ids) < 2:
+        raise CliError(f"{args.file}: too short to score (fewer than 2 tokens)")
+    result = perplexity(ChatGLM2.from_pretrained(directory), ids, args.window, args.stride)
+    print(
+        f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats) over "
+        f"{result.scored_tokens} tokens of {args.file}; window {result.window}, "
+        f"stride {result.stride}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- check
+def add_check_parser(subparsers) -> None:
+    from glm_numpy.exercises import EXERCISE_NAMES
+
+    parser = subparsers.add_parser(
+        "check",
+        help="grade a student's exercise file",
+        description="Grade FILE.py, which defines the exercise functions by name: "
+        f"{', '.join(EXERCISE_NAMES)}. Exit code 1 if any fails.",
+    )
+    parser.add_argument("file", metavar="FILE.py")
+    parser.add_argument(
+        "--exercise",
+        action="append",
+        choices=EXERCISE_NAMES,
+        metavar="NAME",
+        help="grade only this exercise (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=5.0, metavar="SECONDS", help="per case (default 5)"
+    )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from glm_numpy.exercises import grade_file
+
+    try:
+        report = grade_file(args.file, args.exercise, time_limit=args.time_limit)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from None
+    print(report.format())
+    return 0 if report.passed else 1
+
+
 # ---------------------------------------------------------------------------- main
 Command = tuple[Callable[[object], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
@@ -315,6 +451,9 @@ COMMANDS: dict[str, Command] = {
     "inspect": (add_inspect_parser, run_inspect),
     "convert": (add_convert_parser, run_convert),
     "make-random-checkpoint": (add_make_random_checkpoint_parser, run_make_random_checkpoint),
+    "quantize": (add_quantize_parser, run_quantize),
+    "perplexity": (add_perplexity_parser, run_perplexity),
+    "check": (add_check_parser, run_check),
 }
 
 

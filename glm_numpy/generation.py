@@ -35,7 +35,9 @@ class GenerationConfig:
     """Sampling settings; the defaults are those of the official ``chat()`` (spec §4.3).
 
     max_length counts every token of the context: what the KV cache already holds, the prompt
-    and the generated tokens. max_new_tokens, when set, also bounds the generated tokens.
+    and the generated tokens. (The official stream_chat, reusing a cache, counts only the
+    current round; counting it all keeps a conversation within max_length.) max_new_tokens,
+    when set, also bounds the generated tokens.
     ``vocab_limit`` (when set) keeps ids >= it from ever being generated: chat sets it to the
     tokenizer's vocab_size, so the model's unused embedding rows (no text) are never picked.
     """
@@ -334,9 +336,10 @@ def stream_chat(
     past_key_values (with the history it holds) and only the new round is encoded and fed. The
     cache is extended in place; with return_past_key_values=True it is yielded as a third item
     (a new cache when none was given). At the end of the round it holds every token of the
-    conversation except </s>, ready for the next round. A round abandoned halfway (the stream
-    closed, Ctrl-C) leaves it unusable: start the next round without it (the prompt is then
-    re-encoded from the history).
+    conversation except </s>, ready for the next round (the official code also leaves out the
+    last token of a round cut by the length limit; here it is fed, so cache and history agree).
+    A round abandoned halfway (the stream closed, Ctrl-C) leaves the cache unusable: start the
+    next round without it (the prompt is then re-encoded from the history).
 
     options: GenerationConfig fields (temperature, top_p, top_k, repetition_penalty, do_sample,
     max_length, max_new_tokens, seed); defaults as the official chat().
@@ -345,9 +348,8 @@ def stream_chat(
     config = chat_config(tokenizer, options)
     cache = past_key_values if past_key_values is not None else model.new_cache()
     prompt_ids = chat_input_ids(tokenizer, query, history, cache)
-    tokens = generate_stream(
-        model, prompt_ids, config, cache, rng, feed_final_token=return_past_key_values
-    )
+    kept = past_key_values is not None or return_past_key_values
+    tokens = generate_stream(model, prompt_ids, config, cache, rng, feed_final_token=kept)
     for text in decode_stream(tokenizer, tokens):
         response = process_response(text)
         turn = history + [(query, response)]

@@ -52,7 +52,7 @@ def numpy_to_torch(array: np.ndarray):
     """A torch tensor with the same bits; uint16 arrays become bfloat16 (our convention)."""
     import torch
 
-    array = np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d arrays 0-d
     if array.dtype == BFLOAT16:
         return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(array.copy())

@@ -10,7 +10,7 @@ from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
 from glm_numpy.checkpoint import CheckpointError, read_safetensors, write_safetensors
-from glm_numpy.checkpoint.safetensors_io import read_safetensors_header
+from glm_numpy.checkpoint.safetensors_io import read_safetensors_header, write_safetensors_stream
 from glm_numpy.testing import numpy_to_torch, torch_to_numpy
 
 DTYPES = [np.float32, np.float16, np.uint16, np.int8, np.uint8, np.int32, np.int64, np.bool_]
@@ -86,7 +86,16 @@ def test_big_endian_input_is_written_little_endian(tmp_path):
 def test_write_is_atomic(tmp_path):
     path = tmp_path / "x.safetensors"
     with pytest.raises(CheckpointError, match="'bad'"):
-        write_safetensors(path, {"ok": np.ones(2), "bad": np.ones(2, np.complex64)})
+        write_safetensors(path, {"ok": np.ones(2, np.float32), "bad": np.ones(2, np.complex64)})
+    assert list(tmp_path.iterdir()) == []
+
+    def failing_midway():
+        yield np.ones(2, np.float32)
+        raise KeyboardInterrupt
+
+    entries = [("a", np.dtype(np.float32), (2,)), ("b", np.dtype(np.float32), (2,))]
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors_stream(path, entries, failing_midway())
     assert list(tmp_path.iterdir()) == []
 
 

@@ -48,73 +48,54 @@ def touch_command(marker) -> str:
     return f"open({str(marker)!r}, 'w').close()"
 
 
+def opcodes(*parts: bytes) -> bytes:
+    return b"".join(parts)
+
+
+def call(function: bytes, *args: bytes) -> bytes:
+    """function(*args) as MARK args TUPLE REDUCE."""
+    return opcodes(function, MARK, *args, TUPLE, REDUCE)
+
+
 def payloads(marker):
     """name -> pickle bytes; each creates ``marker`` when loaded by the real pickle module."""
-    shell = f"touch {marker}"
-    python = touch_command(marker)
+    shell = text(f"touch {marker}")
+    python = text(touch_command(marker))
+    os_system = global_("os", "system")
+    import_os = call(global_("builtins", "__import__"), text("os"))
     return {
-        "GLOBAL os.system + REDUCE": PROTO2
-        + global_("os", "system")
-        + text(shell)
-        + TUPLE1
-        + REDUCE
-        + STOP,
-        "GLOBAL posix.system + REDUCE": PROTO2
-        + global_("posix", "system")
-        + text(shell)
-        + TUPLE1
-        + REDUCE
-        + STOP,
-        "builtins.eval": PROTO2
-        + global_("builtins", "eval")
-        + text(python)
-        + TUPLE1
-        + REDUCE
-        + STOP,
-        "builtins.exec": PROTO2
-        + global_("builtins", "exec")
-        + text(python)
-        + TUPLE1
-        + REDUCE
-        + STOP,
-        "builtins.__import__": PROTO2
-        + global_("builtins", "getattr")
-        + global_("builtins", "__import__")
-        + text("os")
-        + TUPLE1
-        + REDUCE
-        + text("system")
-        + b"\x86"
-        + REDUCE
-        + text(shell)
-        + TUPLE1
-        + REDUCE
-        + STOP,
-        "STACK_GLOBAL subprocess.call": PROTO4
-        + stack_global("subprocess", "call")
-        + b"]"
-        + short_text("touch")
-        + b"a"
-        + short_text(str(marker))
-        + b"a"
-        + TUPLE1
-        + REDUCE
-        + STOP,
-        "INST os.system": MARK + b"V" + shell.encode() + b"\n" + b"ios\nsystem\n" + STOP,
-        "OBJ os.system": PROTO2 + MARK + global_("os", "system") + text(shell) + b"o" + STOP,
+        "GLOBAL os.system + REDUCE": opcodes(PROTO2, call(os_system, shell), STOP),
+        "GLOBAL posix.system + REDUCE": opcodes(
+            PROTO2, call(global_("posix", "system"), shell), STOP
+        ),
+        "builtins.eval": opcodes(PROTO2, call(global_("builtins", "eval"), python), STOP),
+        "builtins.exec": opcodes(PROTO2, call(global_("builtins", "exec"), python), STOP),
+        "builtins.__import__": opcodes(
+            PROTO2,
+            call(call(global_("builtins", "getattr"), import_os, text("system")), shell),
+            STOP,
+        ),
+        "STACK_GLOBAL subprocess.call": opcodes(
+            PROTO4,
+            stack_global("subprocess", "call"),
+            b"]",  # EMPTY_LIST, then APPEND the argv
+            short_text("touch") + b"a" + short_text(str(marker)) + b"a",
+            TUPLE1,
+            REDUCE,
+            STOP,
+        ),
+        "INST os.system": opcodes(MARK, b"V", f"touch {marker}".encode(), b"\nios\nsystem\n", STOP),
+        "OBJ os.system": opcodes(PROTO2, MARK, os_system, shell, b"o", STOP),
         # BUILD with a __setstate__ smuggled into an object's __dict__, then called by BUILD
-        "BUILD __setstate__": PROTO2
-        + global_("collections", "OrderedDict")
-        + EMPTY_TUPLE
-        + REDUCE
-        + EMPTY_DICT
-        + text("__setstate__")
-        + global_("os", "system")
-        + SETITEM
-        + BUILD
-        + text(shell)
-        + BUILD
-        + STOP,
+        "BUILD __setstate__": opcodes(
+            PROTO2,
+            call(global_("collections", "OrderedDict")),
+            EMPTY_DICT + text("__setstate__") + os_system + SETITEM,
+            BUILD,
+            shell,
+            BUILD,
+            STOP,
+        ),
     }
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from glm_numpy import ChatGLM2, ChatGLM2Tokenizer
 from glm_numpy.cli import main, parameter_count, reply_to
-from glm_numpy.generation import GenerationConfig, generate
+from glm_numpy.generation import GenerationConfig, chat, generate
 from glm_numpy.testing import write_tiny_checkpoint
 
 CLI = [sys.executable, "-m", "glm_numpy.cli"]
@@ -110,10 +110,30 @@ def test_generate_streams_the_greedy_continuation_and_reports_speeds(model_dir):
     assert result.stderr.count("tokens/s") == 2
 
 
-def test_seeded_sampling_repeats(model_dir):
-    args = ("generate", "Hello", "--model", str(model_dir), "--seed", "3", "--max-new-tokens", "6")
-    first, second = run_cli(*args), run_cli(*args)
-    assert first.returncode == 0 and first.stdout == second.stdout and first.stdout.strip()
+def test_seeded_sampling_repeats_across_processes(model_dir):
+    result = run_cli("generate", "Hello", "--model", str(model_dir), "--seed", "3",
+                     "--temperature", "1.2", "--max-new-tokens", "6")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = (
+        ChatGLM2.from_pretrained(model_dir),
+        ChatGLM2Tokenizer.from_pretrained(model_dir),
+    )
+    config = GenerationConfig(
+        temperature=1.2, max_new_tokens=6, seed=3, vocab_limit=tokenizer.vocab_size
+    )
+    expected = tokenizer.decode(generate(model, tokenizer.encode("Hello"), config))
+    assert result.stdout == expected + "\n" and expected.strip()
+
+
+def test_generate_with_the_chat_template_prints_the_chat_reply(model_dir, capsys):
+    args = ["generate", "你好", "--model", str(model_dir), "--greedy", "--max-new-tokens", "5"]
+    assert main([*args, "--chat-template"]) == 0
+    model, tokenizer = (
+        ChatGLM2.from_pretrained(model_dir),
+        ChatGLM2Tokenizer.from_pretrained(model_dir),
+    )
+    response, _ = chat(model, tokenizer, "你好", do_sample=False, max_new_tokens=5)
+    assert capsys.readouterr().out == response + "\n"
 
 
 def test_chat_session_commands_and_eof(model_dir):
@@ -200,3 +220,10 @@ def test_parameter_count_of_a_4_bit_checkpoint_counts_two_per_byte(tmp_path):
     config = ChatGLM2Config.from_json(directory)
     expected = parameter_count(load_checkpoint(plain), ChatGLM2Config.from_json(plain)) + scales
     assert parameter_count(quantised, config) == expected
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path, real_tokenizer_path, capsys):
+    directory = write_tiny_checkpoint(tmp_path / "small_vocab")  # 1024 embedding rows
+    shutil.copy(real_tokenizer_path, directory / "tokenizer.model")
+    assert main(["generate", "hi", "--model", str(directory)]) == 2
+    assert "tokenizer.model has 64794 ids but the model only 1024" in capsys.readouterr().err

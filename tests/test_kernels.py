@@ -11,15 +11,20 @@ from glm_numpy.quantize import quantize
 
 O, I = 72, 256  # small, but the int4 groups (32, 64) and the per-row case all fit
 
+# Quantised weights with float16 scales and whole 32-byte blocks per group take the integer
+# kernels (AVX2), which round x to int8 too: they agree to about 1 % of the output's size.
+EXACT, X_ROUNDED = 2e-5, 1.5e-2
 STORAGES = {
-    "fp32": lambda w: w,
-    "fp16": lambda w: w.astype(np.float16),
-    "bf16": lambda w: from_float32(w, "bfloat16"),
-    "int8 per-row": lambda w: quantize(w, 8),
-    "int8 groups of 64": lambda w: quantize(w, 8, group_size=64),
-    "int4 per-row": lambda w: quantize(w, 4),
-    "int4 groups of 32": lambda w: quantize(w, 4, group_size=32),
-    "int4 groups of 64, float32 scales": lambda w: quantize(w, 4, 64, scale_dtype="float32"),
+    "fp32": (lambda w: w, EXACT),
+    "fp16": (lambda w: w.astype(np.float16), EXACT),
+    "bf16": (lambda w: from_float32(w, "bfloat16"), EXACT),
+    "int8 per-row": (lambda w: quantize(w, 8), X_ROUNDED),
+    "int8 groups of 64": (lambda w: quantize(w, 8, group_size=64), X_ROUNDED),
+    "int8 groups of 16 (float kernel)": (lambda w: quantize(w, 8, group_size=16), EXACT),
+    "int4 per-row": (lambda w: quantize(w, 4), X_ROUNDED),
+    "int4 groups of 128": (lambda w: quantize(w, 4, group_size=128), X_ROUNDED),
+    "int4 groups of 32 (float kernel)": (lambda w: quantize(w, 4, group_size=32), EXACT),
+    "int4 float32 scales (float kernel)": (lambda w: quantize(w, 4, scale_dtype="float32"), EXACT),
 }
 
 
@@ -27,10 +32,11 @@ def random_weight(rows=O, columns=I, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, columns)).astype(np.float32)
 
 
-def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Same product up to float32 summation order: relative to the output's magnitude."""
+def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    """Same product up to float32 summation order (and x's rounding where the kernel rounds
+    it): the error is measured relative to the output's largest magnitude."""
     assert actual.shape == expected.shape and actual.dtype == np.float32
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * np.abs(expected).max())
 
 
 @pytest.fixture
@@ -42,16 +48,19 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("tokens", [1, 3, 17], ids=["decode", "decode-3-rows", "prefill"])
 def test_linear_matches_reference(storage, tokens, small_blocks):
-    w = STORAGES[storage](random_weight())
+    make, tolerance = STORAGES[storage]
+    w = make(random_weight())
     x = np.random.default_rng(1).standard_normal((tokens, I)).astype(np.float32)
-    assert_close(linear(x, w), linear_reference(x, w))
+    prefill_tolerance = EXACT if tokens > dispatch.DECODE_ROWS else tolerance  # sgemm: exact
+    assert_close(linear(x, w), linear_reference(x, w), prefill_tolerance)
 
 
-@pytest.mark.parametrize("storage", ["fp16", "bf16", "int8 groups of 64", "int4 per-row"])
+@pytest.mark.parametrize("storage", ["fp16", "bf16", "int8 groups of 64", "int4 groups of 128"])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_non_contiguous_inputs_and_bias(storage, tokens, small_blocks):
     """x a strided view with leading batch axes, a read-only Fortran-ordered weight, a bias."""
-    w = STORAGES[storage](random_weight())
+    make, tolerance = STORAGES[storage]
+    w = make(random_weight())
     if isinstance(w, np.ndarray):
         w = np.asfortranarray(w)
         w.flags.writeable = False  # as memory-mapped checkpoints are
@@ -60,7 +69,7 @@ def test_non_contiguous_inputs_and_bias(storage, tokens, small_blocks):
     bias = np.random.default_rng(3).standard_normal(O).astype(np.float16)
     actual = linear(x, w, bias)
     assert actual.shape == (2, tokens, O)
-    assert_close(actual, linear_reference(x, w, bias))
+    assert_close(actual, linear_reference(x, w, bias), tolerance)
 
 
 @pytest.mark.parametrize("widen, storage", [(widen_fp16, "fp16"), (widen_bf16, "bf16")])
@@ -71,6 +80,15 @@ def test_16_bit_widening_is_exact(widen, storage):
     out = np.empty((256, 256), dtype=np.float32)
     widen(bits, 0, out)
     np.testing.assert_array_equal(out, expected)  # assert_array_equal treats NaN == NaN
+
+
+def test_quantize_activations_rounds_each_block_to_127_steps():
+    x = np.random.default_rng(4).standard_normal((2, 128)).astype(np.float32)
+    x_q, x_scale = dispatch.quantize_activations(x, 32)
+    assert x_q.dtype == np.int8 and x_scale.shape == (2, 4)
+    assert np.abs(x_q).max(axis=-1).tolist() == [127, 127]
+    restored = x_q.reshape(2, 4, 32) * x_scale[..., None]  # [T, blocks, 32]
+    assert np.all(np.abs(restored.reshape(2, 128) - x) <= np.repeat(x_scale, 32, axis=1) / 2)
 
 
 def test_prefill_block_start_offsets_rows():

@@ -48,10 +48,11 @@ def official_tensors(config: ChatGLM2Config) -> list[TensorSpec]:
     ]
     for i in range(config.num_layers):
         specs += layer_tensors(config, i)
-    specs += [
-        TensorSpec("transformer.encoder.final_layernorm.weight", (D,), "norm"),
-        TensorSpec("transformer.output_layer.weight", (V, D), "linear", fan_in=D),
-    ]
+    specs.append(TensorSpec("transformer.encoder.final_layernorm.weight", (D,), "norm"))
+    if config.extra.get("quantization_output_layer"):  # glm_numpy's quantize option
+        specs += linear(config, "transformer.output_layer", V, D)
+    else:
+        specs.append(TensorSpec("transformer.output_layer.weight", (V, D), "linear", fan_in=D))
     return specs
 
 
@@ -74,12 +75,15 @@ def layer_tensors(config: ChatGLM2Config, i: int) -> list[TensorSpec]:
 
 
 def linear(config: ChatGLM2Config, module: str, out_features: int, in_features: int):
-    """A Linear weight [out, in]; or, quantised, int8 [out, in] / [out, in/2] + scale [out]."""
+    """A Linear weight [out, in]; or, quantised, int8 [out, in] / [out, in/2] + scale [out]
+    (official, per row) or [out, in/group_size] (glm_numpy's group-wise scheme)."""
     bits = config.quantization_bit
     if not bits:
         return [TensorSpec(module + ".weight", (out_features, in_features), "linear", in_features)]
     stored_columns = in_features // 2 if bits == 4 else in_features
+    group_size = config.extra.get("quantization_group_size")
+    scale_shape = (out_features,) if not group_size else (out_features, in_features // group_size)
     return [
         TensorSpec(module + ".weight", (out_features, stored_columns), "quantized", in_features),
-        TensorSpec(module + ".weight_scale", (out_features,), "scale"),
+        TensorSpec(module + ".weight_scale", scale_shape, "scale"),
     ]

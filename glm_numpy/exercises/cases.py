@@ -60,15 +60,29 @@ def rms_norm_cases() -> list[Case]:
     zero_row[1] = 0.0
     return [
         Case("T=3, D=8, eps=1e-5", (_normal(rng, 3, 8), _normal(rng, 8), 1e-5), names),
-        Case("rows with a large mean (T=4, D=6)", (_normal(rng, 4, 6) + 3, _normal(rng, 6), 1e-5),
-             names),
-        Case("large eps=0.5 (T=2, D=10)", (_normal(rng, 2, 10), _normal(rng, 10), 0.5), names,
-             frozenset({"eps"})),
-        Case("tiny rows, |x| ~ 1e-3, eps=1e-5 (T=3, D=16)",
-             (_normal(rng, 3, 16, scale=1e-3), _normal(rng, 16), 1e-5), names,
-             frozenset({"eps"})),
-        Case("a row of zeros, odd D=7, eps=1e-6", (zero_row, _normal(rng, 7), 1e-6), names,
-             frozenset({"eps"})),
+        Case(
+            "rows with a large mean (T=4, D=6)",
+            (_normal(rng, 4, 6) + 3, _normal(rng, 6), 1e-5),
+            names,
+        ),
+        Case(
+            "large eps=0.5 (T=2, D=10)",
+            (_normal(rng, 2, 10), _normal(rng, 10), 0.5),
+            names,
+            frozenset({"eps"}),
+        ),
+        Case(
+            "tiny rows, |x| ~ 1e-3, eps=1e-5 (T=3, D=16)",
+            (_normal(rng, 3, 16, scale=1e-3), _normal(rng, 16), 1e-5),
+            names,
+            frozenset({"eps"}),
+        ),
+        Case(
+            "a row of zeros, odd D=7, eps=1e-6",
+            (zero_row, _normal(rng, 7), 1e-6),
+            names,
+            frozenset({"eps"}),
+        ),
     ]
 
 
@@ -77,13 +91,22 @@ def rotary_cases() -> list[Case]:
     names = ("x", "positions")
     return [
         Case("positions 0..2 (T=3, N=2, Dh=8)", (_normal(rng, 3, 2, 8), np.arange(3)), names),
-        Case("scattered positions (T=4, N=1, Dh=16)",
-             (_normal(rng, 4, 1, 16), np.array([5, 17, 3, 100])), names),
-        Case("positions beyond 2048 (T=5, N=3, Dh=12)",
-             (_normal(rng, 5, 3, 12), np.array([2047, 2048, 2049, 4097, 9001])), names,
-             frozenset({"long"})),
-        Case("ChatGLM2's head size (T=2, N=2, Dh=128)",
-             (_normal(rng, 2, 2, 128), np.array([7, 1000])), names),
+        Case(
+            "scattered positions (T=4, N=1, Dh=16)",
+            (_normal(rng, 4, 1, 16), np.array([5, 17, 3, 100])),
+            names,
+        ),
+        Case(
+            "positions beyond 2048 (T=5, N=3, Dh=12)",
+            (_normal(rng, 5, 3, 12), np.array([2047, 2048, 2049, 4097, 9001])),
+            names,
+            frozenset({"long"}),
+        ),
+        Case(
+            "ChatGLM2's head size (T=2, N=2, Dh=128)",
+            (_normal(rng, 2, 2, 128), np.array([7, 1000])),
+            names,
+        ),
     ]
 
 
@@ -102,13 +125,22 @@ def attention_cases() -> list[Case]:
     return [
         Case("T=S=4, H=G=2, Dh=8", qkv(4, 4, 2, 2, 8), names),
         Case("grouped heads: T=S=5, H=6, G=2, Dh=8", qkv(5, 5, 6, 2, 8), names),
-        Case("one new query after 6 cached keys: T=1, S=7, H=4, G=2, Dh=16",
-             qkv(1, 7, 4, 2, 16), names, frozenset({"decode"})),
-        Case("3 new queries after 5 cached: T=3, S=8, H=8, G=4, odd Dh=5",
-             qkv(3, 8, 8, 4, 5), names),
+        Case(
+            "one new query after 6 cached keys: T=1, S=7, H=4, G=2, Dh=16",
+            qkv(1, 7, 4, 2, 16),
+            names,
+            frozenset({"decode"}),
+        ),
+        Case(
+            "3 new queries after 5 cached: T=3, S=8, H=8, G=4, odd Dh=5", qkv(3, 8, 8, 4, 5), names
+        ),
         Case("one kv group for all heads: T=S=3, H=4, G=1, Dh=4", qkv(3, 3, 4, 1, 4), names),
-        Case("large scores (~1600, exp() overflows): T=S=4, H=2, G=1, Dh=16",
-             (q_large, k_large, _normal(rng, 4, 1, 16)), names, frozenset({"large"})),
+        Case(
+            "large scores (~1600, exp() overflows): T=S=4, H=2, G=1, Dh=16",
+            (q_large, k_large, _normal(rng, 4, 1, 16)),
+            names,
+            frozenset({"large"}),
+        ),
     ]
 
 
@@ -173,20 +205,38 @@ def block_cases() -> list[Case]:
     no_mlp = block_weights(rng, D, H, G, Dh, F)
     no_mlp["mlp.dense_4h_to_h.weight"][:] = 0
     return [
-        Case("MLP half only: self_attention.dense.weight is zero (T=3)",
-             (_normal(rng, 3, D), np.arange(3), no_attention, H, G, 1e-5), names,
-             frozenset({"mlp_only"})),
-        Case("attention half only: mlp.dense_4h_to_h.weight is zero (T=4)",
-             (_normal(rng, 4, D), np.arange(4), no_mlp, H, G, 1e-5), names,
-             frozenset({"attention_only"})),
-        Case("whole block, T=4, D=16, H=4, G=2, Dh=8, F=12",
-             (_normal(rng, 4, D), np.arange(4), block_weights(rng, D, H, G, Dh, F), H, G, 1e-5),
-             names),
+        Case(
+            "MLP half only: self_attention.dense.weight is zero (T=3)",
+            (_normal(rng, 3, D), np.arange(3), no_attention, H, G, 1e-5),
+            names,
+            frozenset({"mlp_only"}),
+        ),
+        Case(
+            "attention half only: mlp.dense_4h_to_h.weight is zero (T=4)",
+            (_normal(rng, 4, D), np.arange(4), no_mlp, H, G, 1e-5),
+            names,
+            frozenset({"attention_only"}),
+        ),
+        Case(
+            "whole block, T=4, D=16, H=4, G=2, Dh=8, F=12",
+            (_normal(rng, 4, D), np.arange(4), block_weights(rng, D, H, G, Dh, F), H, G, 1e-5),
+            names,
+        ),
         # Rotary only sees position differences here (there is no cache), but a float16
         # table is wrong in absolute terms at these positions.
-        Case("whole block at positions 2500..2502, H=6, G=3, D=12",
-             (_normal(rng, 3, 12), np.arange(2500, 2503), block_weights(rng, 12, 6, 3, 8, 10),
-              6, 3, 1e-5), names, frozenset({"long"})),
+        Case(
+            "whole block at positions 2500..2502, H=6, G=3, D=12",
+            (
+                _normal(rng, 3, 12),
+                np.arange(2500, 2503),
+                block_weights(rng, 12, 6, 3, 8, 10),
+                6,
+                3,
+                1e-5,
+            ),
+            names,
+            frozenset({"long"}),
+        ),
     ]
 
 
@@ -195,15 +245,24 @@ def kv_cache_step_cases() -> list[Case]:
     names = ("q", "k", "v", "cache_k", "cache_v")
 
     def case(S, H, G, Dh):
-        return (_normal(rng, 1, H, Dh), _normal(rng, 1, G, Dh), _normal(rng, 1, G, Dh),
-                _normal(rng, S, G, Dh), _normal(rng, S, G, Dh))
+        return (
+            _normal(rng, 1, H, Dh),
+            _normal(rng, 1, G, Dh),
+            _normal(rng, 1, G, Dh),
+            _normal(rng, S, G, Dh),
+            _normal(rng, S, G, Dh),
+        )
 
     return [
         Case("S=4 cached, H=4, G=2, Dh=8", case(4, 4, 2, 8), names),
         Case("first token: empty cache, H=2, G=1, Dh=8", case(0, 2, 1, 8), names),
         Case("S=6 cached, H=6, G=3, Dh=12", case(6, 6, 3, 12), names),
-        Case("S=2500 cached (position beyond 2048), H=4, G=2, Dh=8", case(2500, 4, 2, 8), names,
-             frozenset({"long"})),
+        Case(
+            "S=2500 cached (position beyond 2048), H=4, G=2, Dh=8",
+            case(2500, 4, 2, 8),
+            names,
+            frozenset({"long"}),
+        ),
     ]
 
 
@@ -219,6 +278,10 @@ def top_p_cases() -> list[Case]:
         Case("one token above p: V=12, p=0.8", (peaked, 0.8), names),
         Case("p=1 keeps every token: V=6", (_normal(rng, 6), 1.0), names),
         Case("flat distribution, p=0.3: V=20", (_normal(rng, 20, scale=0.3), 0.3), names),
-        Case("large logits (~1000, exp() overflows): V=40, p=0.9",
-             ((spread + 1000).astype(np.float32), 0.9), names, frozenset({"large"})),
+        Case(
+            "large logits (~1000, exp() overflows): V=40, p=0.9",
+            ((spread + 1000).astype(np.float32), 0.9),
+            names,
+            frozenset({"large"}),
+        ),
     ]

@@ -42,7 +42,7 @@ EXERCISES: dict[str, Exercise] = {
             "embedding(ids, table) -> [T, D]; ids [T] int, table [V, D]",
             cases.embedding_cases,
             references.embedding,
-            ArrayOutput(atol=0, rtol=0),
+            ArrayOutput(atol=1e-6, rtol=1e-6),  # a row lookup is exact
         ),
         Exercise(
             "rms_norm",
@@ -50,8 +50,10 @@ EXERCISES: dict[str, Exercise] = {
             cases.rms_norm_cases,
             references.rms_norm,
             ArrayOutput(atol=1e-5, rtol=1e-4),
-            {"eps": "it fails only where eps matters (large eps, tiny rows, a row of zeros): "
-                    "y = x / sqrt(mean(x²) + eps) * weight, with the eps you are given"},
+            {
+                "eps": "it fails only where eps matters (large eps, tiny rows, a row of zeros): "
+                "y = x / sqrt(mean(x²) + eps) * weight, with the eps you are given"
+            },
         ),
         Exercise(
             "rotary",
@@ -71,8 +73,10 @@ EXERCISES: dict[str, Exercise] = {
             cases.attention_cases,
             references.attention,
             ArrayOutput(atol=1e-4, rtol=1e-3),
-            {"large": "it fails only when the scores are large: subtract each row's maximum "
-                      "before exp() so that the softmax cannot overflow"},
+            {
+                "large": "it fails only when the scores are large: subtract each row's maximum "
+                "before exp() so that the softmax cannot overflow"
+            },
         ),
         Exercise(
             "swiglu",
@@ -101,13 +105,14 @@ EXERCISES: dict[str, Exercise] = {
             references.block,
             ArrayOutput(atol=1e-3, rtol=1e-3),
             {
-                "mlp_only": "the MLP half is wrong (this case has the attention output weights "
-                            "at zero, so the block is x1 = x, out = x1 + MLP(post_norm(x1))): "
-                            "check post_attention_layernorm, SwiGLU and the second residual",
+                "mlp_only": "the block is wrong even with the attention output weights at zero, "
+                "where it is out = x + MLP(post_attention_layernorm(x)): check that "
+                "both residuals add the block's input x (not its normalised "
+                "version), then post_attention_layernorm and SwiGLU",
                 "attention_only": "the attention half is wrong (the MLP half passes; this case "
-                                  "has mlp.dense_4h_to_h at zero): check input_layernorm, the "
-                                  "q|k|v split, rotary, grouped attention, dense and the first "
-                                  "residual",
+                "has mlp.dense_4h_to_h at zero): check input_layernorm, the "
+                "q|k|v split, rotary, grouped attention, dense and the first "
+                "residual",
                 "long": _LONG_POSITIONS,
             },
         ),
@@ -129,8 +134,10 @@ EXERCISES: dict[str, Exercise] = {
             cases.top_p_cases,
             references.top_p,
             IdSetOutput(),
-            {"large": "it fails only for large logits: subtract the maximum logit before exp() "
-                      "so that the softmax cannot overflow"},
+            {
+                "large": "it fails only for large logits: subtract the maximum logit before exp() "
+                "so that the softmax cannot overflow"
+            },
         ),
     ]
 }

@@ -55,14 +55,23 @@ def check(name: str, student_fn: Callable, time_limit: float = DEFAULT_TIME_LIMI
     exercise = exercise_named(name)
     if not callable(student_fn):
         total = len(exercise.make_cases())
-        return CheckResult(name, False, f"{name}: FAILED — expected a function, got "
-                           f"{describe(student_fn)} (pass the function itself, without calling "
-                           "it)", 0, total)
+        return CheckResult(
+            name,
+            False,
+            f"{name}: FAILED — expected a function, got "
+            f"{describe(student_fn)} (pass the function itself, without calling "
+            "it)",
+            0,
+            total,
+        )
     return check_loaded(exercise, lambda: student_fn, time_limit)
 
 
-def check_loaded(exercise: Exercise, load_function: Callable[[], Callable],
-                 time_limit: float = DEFAULT_TIME_LIMIT) -> CheckResult:
+def check_loaded(
+    exercise: Exercise,
+    load_function: Callable[[], Callable],
+    time_limit: float = DEFAULT_TIME_LIMIT,
+) -> CheckResult:
     """Like check, with the function obtained by ``load_function()`` inside the sandbox (so that
     importing a student's file is as protected as calling the function)."""
     case_list = exercise.make_cases()
@@ -80,8 +89,16 @@ def check_loaded(exercise: Exercise, load_function: Callable[[], Callable],
             continue
         bug = likely_bug(exercise, case_list, outcomes, i, mismatch, time_limit)
         message = _failure_message(exercise, i, case, expected[i], outcome, mismatch, bug)
-        return CheckResult(name, False, message, i, total, case.label,
-                           mismatch.max_error if mismatch else None, bug)
+        return CheckResult(
+            name,
+            False,
+            message,
+            i,
+            total,
+            case.label,
+            mismatch.max_error if mismatch else None,
+            bug,
+        )
     return CheckResult(name, True, f"{name}: PASSED all {total} cases", total, total)
 
 

@@ -50,7 +50,7 @@ def _shape_hint(expected: tuple, got: tuple) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ArrayOutput:
-    """A single float32 array, right when |got - expected| <= atol + rtol * |expected| everywhere."""
+    """A single float32 array, right where |got - expected| <= atol + rtol * |expected|."""
 
     atol: float = 1e-4
     rtol: float = 1e-3
@@ -104,8 +104,9 @@ class ArrayOutput:
         wrong = ~(error <= self.atol + self.rtol * np.abs(expected64))
         if not wrong.any():
             return None
-        where = tuple(int(i) for i in np.unravel_index(np.argmax(np.where(wrong, error, -1)),
-                                                       error.shape))
+        where = tuple(
+            int(i) for i in np.unravel_index(np.argmax(np.where(wrong, error, -1)), error.shape)
+        )
         max_error = float(error[where])
         return Mismatch(
             f"{self.name}: {int(wrong.sum())} of {wrong.size} values are wrong, "

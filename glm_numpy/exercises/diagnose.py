@@ -22,18 +22,32 @@ from glm_numpy.exercises.compare import Mismatch
 from glm_numpy.exercises.runner import Outcome
 
 _EXCEPTION_HINTS = [
-    (r"^NotImplementedError", "the function is still the TODO stub: replace the "
-     "`raise NotImplementedError` with your code"),
-    (r"mismatch in its core dimension|not aligned|matmul", "the shapes in a matrix product do not "
-     "fit — probably a transposed weight: weights are stored [out, in] (torch's layout), so a "
-     "linear layer is x @ w.T; print the shapes of your intermediate arrays"),
-    (r"could not be broadcast|broadcast", "two arrays whose shapes do not fit are combined "
-     "element-wise: print their shapes (a missing [:, None] or a transposed array?)"),
+    (
+        r"^NotImplementedError",
+        "the function is still the TODO stub: replace the "
+        "`raise NotImplementedError` with your code",
+    ),
+    (
+        r"mismatch in its core dimension|not aligned|matmul",
+        "the shapes in a matrix product do not "
+        "fit — probably a transposed weight: weights are stored [out, in] (torch's layout), so a "
+        "linear layer is x @ w.T; print the shapes of your intermediate arrays",
+    ),
+    (
+        r"could not be broadcast|broadcast",
+        "two arrays whose shapes do not fit are combined "
+        "element-wise: print their shapes (a missing [:, None] or a transposed array?)",
+    ),
     (r"^IndexError", "an index is outside an array: check which axis you index and its length"),
-    (r"takes \d+ positional arguments? but \d+ (were|was) given|missing \d+ required",
-     "the function does not have the signature asked for: {signature}"),
-    (r"^NameError", "a name is not defined: in a notebook, run the cell that defines it (and "
-     "import numpy as np)"),
+    (
+        r"takes \d+ positional arguments? but \d+ (were|was) given|missing \d+ required",
+        "the function does not have the signature asked for: {signature}",
+    ),
+    (
+        r"^NameError",
+        "a name is not defined: in a notebook, run the cell that defines it (and "
+        "import numpy as np)",
+    ),
     (r"^SystemExit", "the function called exit(): return the result instead"),
 ]
 
@@ -50,16 +64,19 @@ def outcome_hint(outcome: Outcome, signature: str, time_limit: float) -> str:
     if outcome.kind == "error":
         return exception_hint(outcome.error, signature)
     if outcome.kind == "timeout":
-        return (f"the function did not finish within {time_limit:g} s and was stopped: a loop "
-                "that never ends (a while loop whose condition never changes?), or a pure-Python "
-                "loop over every number that should be one array operation")
+        return (
+            f"the function did not finish within {time_limit:g} s and was stopped: a loop "
+            "that never ends (a while loop whose condition never changes?), or a pure-Python "
+            "loop over every number that should be one array operation"
+        )
     if outcome.kind == "crashed":
         return "the function ended the Python process running it (exit, os._exit, or a crash)"
     return "return numpy arrays (or a set of ids for top_p), not other objects"
 
 
-def matching_mistake(exercise: Exercise, case_list: Sequence[Case],
-                     outcomes: Sequence[Outcome]) -> str | None:
+def matching_mistake(
+    exercise: Exercise, case_list: Sequence[Case], outcomes: Sequence[Outcome]
+) -> str | None:
     """The diagnosis of the first known mistake whose output equals the student's on every case
     where the student returned a value."""
     answered = [(case, o.value) for case, o in zip(case_list, outcomes) if o.kind == "value"]
@@ -78,8 +95,14 @@ def _agrees(exercise: Exercise, function, case: Case, got) -> bool:
     return exercise.output.close(wrong, got)
 
 
-def likely_bug(exercise: Exercise, case_list: Sequence[Case], outcomes: Sequence[Outcome],
-               failed: int, mismatch: Mismatch | None, time_limit: float) -> str:
+def likely_bug(
+    exercise: Exercise,
+    case_list: Sequence[Case],
+    outcomes: Sequence[Outcome],
+    failed: int,
+    mismatch: Mismatch | None,
+    time_limit: float,
+) -> str:
     """The likely bug, in plain words, given every outcome and the index of the first failure
     (mismatch is None when that case did not return a value)."""
     if mismatch is None:
@@ -92,5 +115,7 @@ def likely_bug(exercise: Exercise, case_list: Sequence[Case], outcomes: Sequence
     for tag in sorted(case_list[failed].tags):
         if tag in exercise.tag_hints:
             return exercise.tag_hints[tag]
-    return ("no known mistake matches your output; recompute the failing case by hand, step by "
-            f"step, against the definition: {exercise.signature}")
+    return (
+        "no known mistake matches your output; recompute the failing case by hand, step by "
+        f"step, against the definition: {exercise.signature}"
+    )

@@ -13,8 +13,8 @@ import runpy
 from collections.abc import Sequence
 from pathlib import Path
 
-from glm_numpy.exercises.check import DEFAULT_TIME_LIMIT, CheckResult, check_loaded, exercise_named
 from glm_numpy.exercises.catalogue import EXERCISES
+from glm_numpy.exercises.check import DEFAULT_TIME_LIMIT, CheckResult, check_loaded, exercise_named
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +43,9 @@ def _function_from_file(path: Path, name: str):
     return function
 
 
-def grade_file(path: str | Path, names: Sequence[str] | None = None,
-               time_limit: float = DEFAULT_TIME_LIMIT) -> GradeReport:
+def grade_file(
+    path: str | Path, names: Sequence[str] | None = None, time_limit: float = DEFAULT_TIME_LIMIT
+) -> GradeReport:
     """Check each exercise in ``names`` (default: all) against the function of the same name in
     the Python file at ``path``."""
     path = Path(path)

@@ -31,6 +31,11 @@ class Mistake:
     function: Callable
 
 
+def _width(x: np.ndarray) -> int:
+    """The last axis: D of x [T, D], Dh of x [T, N, Dh]."""
+    return x.shape[-1]
+
+
 # ------------------------------------------------------------------------------- embedding
 def _embedding_mistakes() -> list[Mistake]:
     return [
@@ -63,7 +68,6 @@ def _rms_norm_mistakes() -> list[Mistake]:
     eps_ignored = (
         "the eps argument is ignored (a fixed value is used instead): use the eps you are given"
     )
-    D_of = lambda x: x.shape[-1]  # noqa: E731
     return [
         Mistake(
             "eps is missing: x / sqrt(mean(x²)) divides by zero for a row of zeros and is "
@@ -81,8 +85,7 @@ def _rms_norm_mistakes() -> list[Mistake]:
             lambda x, w, eps: ref.rms_norm(x - x.mean(axis=-1, keepdims=True), w, eps),
         ),
         Mistake(
-            "np.var / np.std was used: they subtract the mean first; RMSNorm needs mean(x²) "
-            "itself",
+            "np.var / np.std was used: they subtract the mean first; RMSNorm needs mean(x²) itself",
             lambda x, w, eps: (x / np.sqrt(x.var(axis=-1, keepdims=True) + eps) * w).astype(
                 np.float32
             ),
@@ -99,13 +102,14 @@ def _rms_norm_mistakes() -> list[Mistake]:
         ),
         Mistake(
             "the sum of squares was used instead of their mean: divide by D (np.mean)",
-            lambda x, w, eps: ref.rms_norm(x, w, eps / D_of(x)) / np.float32(np.sqrt(D_of(x))),
+            lambda x, w, eps: ref.rms_norm(x, w, eps / _width(x)) / np.float32(np.sqrt(_width(x))),
         ),
         Mistake(
             "the statistics are taken over the wrong axis (over tokens): each row (token) is "
             "normalised over its own D features, axis=-1",
-            lambda x, w, eps: (x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps) * w)
-            .astype(np.float32),
+            lambda x, w, eps: (x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps) * w).astype(
+                np.float32
+            ),
         ),
         Mistake(eps_ignored, lambda x, w, eps: ref.rms_norm(x, w, 1e-5)),
         Mistake(eps_ignored, lambda x, w, eps: ref.rms_norm(x, w, 1e-6)),
@@ -135,29 +139,25 @@ def _rotary_with(x, positions, rotary_dim, base=ref.ROTARY_BASE, rotate_half=Fal
 
 
 def _rotary_mistakes() -> list[Mistake]:
-    R = lambda x: x.shape[-1] // 2  # noqa: E731
-    Dh = lambda x: x.shape[-1]  # noqa: E731
     return [
         Mistake(
             'the pairs are (i, i + R/2) — "rotate half", the NeoX / ChatGLM-6B v1 layout; '
             "ChatGLM2 rotates interleaved neighbours (2i, 2i+1)",
-            lambda x, p: _rotary_with(x, p, R(x), rotate_half=True),
+            lambda x, p: _rotary_with(x, p, _width(x) // 2, rotate_half=True),
         ),
         Mistake(
             'all Dh channels rotate as "rotate half" pairs; ChatGLM2 rotates only the first '
             "R = Dh/2 channels, as interleaved pairs (2i, 2i+1), and passes the rest through",
-            lambda x, p: _rotary_with(x, p, Dh(x), rotate_half=True),
+            lambda x, p: _rotary_with(x, p, _width(x), rotate_half=True),
         ),
         Mistake(
             "all Dh channels are rotated; only the first R = Dh/2 rotate, channels R..Dh-1 pass "
             "through unchanged",
-            lambda x, p: _rotary_with(x, p, Dh(x)),
+            lambda x, p: _rotary_with(x, p, _width(x)),
         ),
         Mistake(
             "the last R channels are rotated instead of the first R",
-            lambda x, p: np.concatenate(
-                [x[..., : Dh(x) - R(x)], _rotary_with(x[..., Dh(x) - R(x) :], p, R(x))], -1
-            ),
+            _last_half_rotated,
         ),
         Mistake(
             "the frequencies use the head dim: theta_i = 10000^(-2i/Dh); the exponent divides by "
@@ -167,11 +167,11 @@ def _rotary_mistakes() -> list[Mistake]:
         Mistake(
             "the frequency exponent has the wrong sign: theta_i = 10000^(+2i/R); it must be "
             "10000^(-2i/R) (frequencies fall from 1 down to about 1/10000)",
-            lambda x, p: _rotary_with(x, p, R(x), base=1.0 / ref.ROTARY_BASE),
+            lambda x, p: _rotary_with(x, p, _width(x) // 2, base=1.0 / ref.ROTARY_BASE),
         ),
         Mistake(
             "the wrong base: ChatGLM2 uses 10000",
-            lambda x, p: _rotary_with(x, p, R(x), base=1000.0),
+            lambda x, p: _rotary_with(x, p, _width(x) // 2, base=1000.0),
         ),
         Mistake(
             "the positions argument is ignored (0..T-1 was used); token t sits at positions[t]",
@@ -185,9 +185,15 @@ def _rotary_mistakes() -> list[Mistake]:
         Mistake(
             "the angles are computed in float16, which cannot hold large positions exactly "
             "(above 2048) nor the angles precisely: compute the table in float32 or float64",
-            lambda x, p: _rotary_with(x, p, R(x), fp16=True),
+            lambda x, p: _rotary_with(x, p, _width(x) // 2, fp16=True),
         ),
     ]
+
+
+def _last_half_rotated(x, positions):
+    """x [T, N, Dh]: channels R..Dh-1 rotated as interleaved pairs, 0..R-1 passed through."""
+    R = _width(x) // 2
+    return np.concatenate([x[..., :R], _rotary_with(x[..., R:], positions, R)], axis=-1)
 
 
 def _frequencies_over_head_dim(x, positions):
@@ -274,8 +280,9 @@ def _attention_mistakes() -> list[Mistake]:
             lambda q, k, v: _with_mask(q, k, v, np.ones((q.shape[0], k.shape[0]), bool)),
         ),
         Mistake(excludes_self, lambda q, k, v: _with_mask(q, k, v, mask(q, k, np.greater))),
-        Mistake(excludes_self,
-                lambda q, k, v: _with_mask(q, k, v, mask(q, k, np.greater), fill=-1e9)),
+        Mistake(
+            excludes_self, lambda q, k, v: _with_mask(q, k, v, mask(q, k, np.greater), fill=-1e9)
+        ),
         Mistake(
             "the mask is off by one: each query also sees the next position",
             lambda q, k, v: _with_mask(q, k, v, mask(q, k, lambda qp, kp: kp <= qp + 1)),
@@ -326,8 +333,12 @@ def _swiglu_mistakes() -> list[Mistake]:
             lambda x, w1, w2: ref.swiglu(x, halves_swapped(w1), w2),
         ),
         Mistake(gelu, lambda x, w1, w2: _swiglu_with(lambda g, u: _gelu_tanh(g) * u, x, w1, w2)),
-        Mistake(gelu, lambda x, w1, w2: _swiglu_with(
-            lambda g, u: 0.5 * g * (1 + _erf(g / np.sqrt(2))) * u, x, w1, w2)),
+        Mistake(
+            gelu,
+            lambda x, w1, w2: _swiglu_with(
+                lambda g, u: 0.5 * g * (1 + _erf(g / np.sqrt(2))) * u, x, w1, w2
+            ),
+        ),
         Mistake(
             "ReLU is used instead of SiLU: the gate goes through silu(z) = z * sigmoid(z)",
             lambda x, w1, w2: _swiglu_with(lambda g, u: np.maximum(g, 0) * u, x, w1, w2),
@@ -383,8 +394,9 @@ def _renamed(weights: dict, **changes) -> dict:
     return out
 
 
-def _permute_qkv_rows(weights, num_heads, num_kv_groups, head_order=None, channel_order=None,
-                      swap_k_v=False):
+def _permute_qkv_rows(
+    weights, num_heads, num_kv_groups, head_order=None, channel_order=None, swap_k_v=False
+):
     """Weights whose q|k|v rows are rearranged: query heads reordered, the channels of q and k
     permuted within each head, or k and v exchanged. The attention computed from them equals a
     student's attention with the matching bug (see each use)."""
@@ -427,8 +439,18 @@ def _block_mistakes() -> list[Mistake]:
         return x, p, _permute_qkv_rows(w, H, G, channel_order=order), H, G, eps
 
     def swap_norms(x, p, w, H, G, eps):
-        return x, p, _renamed(w, input_layernorm__weight=w["post_attention_layernorm.weight"],
-                              post_attention_layernorm__weight=w["input_layernorm.weight"]), H, G, eps
+        return (
+            x,
+            p,
+            _renamed(
+                w,
+                input_layernorm__weight=w["post_attention_layernorm.weight"],
+                post_attention_layernorm__weight=w["input_layernorm.weight"],
+            ),
+            H,
+            G,
+            eps,
+        )
 
     def no_bias(x, p, w, H, G, eps):
         bias = w["self_attention.query_key_value.bias"]
@@ -466,15 +488,35 @@ def _block_mistakes() -> list[Mistake]:
         Mistake(
             "k and v are swapped: the rows of query_key_value are q (H·Dh), then k (G·Dh), then "
             "v (G·Dh)",
-            variant(lambda x, p, w, H, G, eps: (
-                x, p, _permute_qkv_rows(w, H, G, swap_k_v=True), H, G, eps)),
+            variant(
+                lambda x, p, w, H, G, eps: (
+                    x,
+                    p,
+                    _permute_qkv_rows(w, H, G, swap_k_v=True),
+                    H,
+                    G,
+                    eps,
+                )
+            ),
         ),
     ]
 
 
 # ------------------------------------------------------------------------------- kv_cache_step
-def _decode_step(q, k, v, cache_k, cache_v, position_shift=0, rotate_q=True, store_rotated=True,
-                 rerotate_cache=False, rotate_v=False, prepend=False, attend_new=True):
+def _decode_step(
+    q,
+    k,
+    v,
+    cache_k,
+    cache_v,
+    position_shift=0,
+    rotate_q=True,
+    store_rotated=True,
+    rerotate_cache=False,
+    rotate_v=False,
+    prepend=False,
+    attend_new=True,
+):
     """One decode step with one of its steps done wrong (each flag names one)."""
     S, _, Dh = cache_k.shape
     cos, sin = layers.rotary_table(np.array([S + position_shift]), Dh // 2)
@@ -482,8 +524,9 @@ def _decode_step(q, k, v, cache_k, cache_v, position_shift=0, rotate_q=True, sto
     if rotate_v:
         v = layers.apply_rotary(v, cos, sin)
     new_k = k_r if store_rotated else k
-    parts_k, parts_v = ([new_k, cache_k], [v, cache_v]) if prepend else ([cache_k, new_k],
-                                                                        [cache_v, v])
+    parts_k, parts_v = (
+        ([new_k, cache_k], [v, cache_v]) if prepend else ([cache_k, new_k], [cache_v, v])
+    )
     keys, values = np.concatenate(parts_k), np.concatenate(parts_v)  # [S+1, G, Dh]
     if rerotate_cache:
         keys = ref.rotary(keys, np.arange(S + 1))
@@ -505,8 +548,11 @@ def _kv_cache_step_mistakes() -> list[Mistake]:
     )
     return [
         Mistake(before_rotary, step(store_rotated=False)),
-        Mistake(before_rotary + " (here the whole cache was rotated after appending, so the "
-                "earlier keys were rotated twice)", step(store_rotated=False, rerotate_cache=True)),
+        Mistake(
+            before_rotary + " (here the whole cache was rotated after appending, so the "
+            "earlier keys were rotated twice)",
+            step(store_rotated=False, rerotate_cache=True),
+        ),
         Mistake(
             "the new token's position is off by one: with S tokens cached it sits at position S "
             "(positions count from 0)",
@@ -521,8 +567,9 @@ def _kv_cache_step_mistakes() -> list[Mistake]:
             "the number of tokens already cached",
             lambda q, k, v, ck, cv: _decode_step(q, k, v, ck, cv, position_shift=-ck.shape[0]),
         ),
-        Mistake("the query is not rotated: rotate q and k at the new position",
-                step(rotate_q=False)),
+        Mistake(
+            "the query is not rotated: rotate q and k at the new position", step(rotate_q=False)
+        ),
         Mistake("v is rotated too: rotary applies to q and k only", step(rotate_v=True)),
         Mistake(
             "the new key and value are put at the front of the cache; append them at the end "
@@ -553,18 +600,19 @@ def _top_p_mistakes() -> list[Mistake]:
         Mistake(
             "the token that makes the total reach p is left out: keep the smallest set whose "
             "probabilities add up to AT LEAST p (always at least one token)",
-            lambda lg, p: _nucleus(lg, p, descending(lg), softmax_1d(lg)[descending(lg)],
-                                   include_crossing=False),
+            lambda lg, p: _nucleus(
+                lg, p, descending(lg), softmax_1d(lg)[descending(lg)], include_crossing=False
+            ),
         ),
         Mistake(
             "the logits are summed as if they were probabilities: take softmax(logits) first",
             lambda lg, p: _nucleus(lg, p, descending(lg), lg[descending(lg)]),
         ),
         Mistake(
-            "the tokens are taken from the least likely up: sort by probability, most likely "
-            "first",
-            lambda lg, p: _nucleus(lg, p, np.argsort(lg, kind="stable"),
-                                   softmax_1d(lg)[np.argsort(lg, kind="stable")]),
+            "the tokens are taken from the least likely up: sort by probability, most likely first",
+            lambda lg, p: _nucleus(
+                lg, p, np.argsort(lg, kind="stable"), softmax_1d(lg)[np.argsort(lg, kind="stable")]
+            ),
         ),
         Mistake(
             "tokens whose own probability is at least p are kept; top-p keeps the most likely "

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from glm_numpy import layers
+from glm_numpy import layers, model
 from glm_numpy.cache import KVCache
 from glm_numpy.config import ChatGLM2Config
 from glm_numpy.generation import top_p_filter
-from glm_numpy.model import ChatGLM2
 
 ROTARY_BASE = 10000.0
 
@@ -71,18 +70,13 @@ def block(
         mlp.dense_h_to_4h.weight                [2F, D]              rows: gate | up
         mlp.dense_4h_to_h.weight                [D, F]
 
-    -> [T, D]: one ChatGLM2 block, computed by the model itself. A one-layer ChatGLM2 whose
-    embedding table is x itself (token t's embedding is row t) runs the block; the cache's
-    next_position makes its positions start at positions[0].
+    -> [T, D]: one ChatGLM2 block, computed by glm_numpy.model.block (the model's own code).
     """
     T, D = x.shape
     qkv_rows, _ = weights["self_attention.query_key_value.weight"].shape
-    F = weights["mlp.dense_4h_to_h.weight"].shape[1]
     config = ChatGLM2Config(
-        num_layers=1,
-        padded_vocab_size=T,
         hidden_size=D,
-        ffn_hidden_size=F,
+        ffn_hidden_size=weights["mlp.dense_4h_to_h.weight"].shape[1],
         kv_channels=qkv_rows // (num_heads + 2 * num_kv_groups),
         num_attention_heads=num_heads,
         multi_query_attention=True,
@@ -90,15 +84,7 @@ def block(
         layernorm_epsilon=eps,
         add_qkv_bias=True,
     )
-    model_weights = {f"transformer.encoder.layers.0.{name}": w for name, w in weights.items()}
-    model_weights["transformer.embedding.word_embeddings.weight"] = x  # row t = token t
-    model_weights["transformer.encoder.final_layernorm.weight"] = np.ones(D, np.float32)
-    model_weights["transformer.output_layer.weight"] = np.zeros((1, D), np.float32)
-    model = ChatGLM2(config, model_weights)
-    cache = model.new_cache()
-    cache.next_position = int(positions[0])
-    _, trace = model.forward(np.arange(T), cache=cache, trace=True)
-    return trace["layers.0.output"]
+    return model.block(x, model.layer_weights(weights), config, positions)
 
 
 def kv_cache_step(
@@ -109,7 +95,7 @@ def kv_cache_step(
     -> (out [1, H, Dh], cache_k [S+1, G, Dh], cache_v [S+1, G, Dh]).
 
     The new token sits at position S; q and k are rotated there, the rotated key and the value are
-    appended, and the query attends to all S+1 keys — the order ChatGLM2._self_attention uses.
+    appended, and the query attends to all S+1 keys — the order glm_numpy.model.self_attention uses.
     """
     S, G, Dh = cache_k.shape
     cache = KVCache(num_layers=1, num_kv_groups=G, head_dim=Dh, capacity=S + 1)

@@ -48,7 +48,7 @@ def run_cases(
     load_function: Callable[[], Callable],
     cases: Sequence[tuple],
     time_limit: float,
-    load_time_limit: float = 30.0,
+    load_time_limit: float = 10.0,
 ) -> tuple[Outcome, list[Outcome]]:
     """Call the function ``load_function()`` returns on each argument tuple of ``cases``.
 
@@ -130,7 +130,9 @@ def _receive(receiver, child, time_limit: float) -> Outcome:
         return receiver.recv()
     except EOFError:
         child.join(timeout=1.0)
-        return Outcome("crashed", error=f"the process running it ended (exit code {child.exitcode})")
+        return Outcome(
+            "crashed", error=f"the process running it ended (exit code {child.exitcode})"
+        )
 
 
 # --------------------------------------------------------------------------- threads (no fork)

@@ -17,6 +17,7 @@ import numpy as np
 
 from glm_numpy.dtypes import BFLOAT16, to_float32
 from glm_numpy.kernels import matvec, widen
+from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2
 from glm_numpy.quantize import QuantizedWeight
 
 DECODE_ROWS = 4  # up to this many rows the matvec kernels win over widening + sgemm
@@ -94,24 +95,54 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
     )
 
 
+def quantize_activations(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, n] float32 -> x_q [T, n] int8 in -127..127, x_scale [T, n/block] float32 with
+    x ≈ x_q * x_scale, one scale per block of columns (absmax)."""
+    blocks = x.reshape(x.shape[0], -1, block)  # [T, n/block, block]
+    x_scale = np.abs(blocks).max(axis=-1) / np.float32(127)  # [T, n/block]
+    safe = np.where(x_scale == 0, np.float32(1), x_scale)[..., None]
+    return np.rint(blocks / safe).astype(np.int8).reshape(x.shape), x_scale
+
+
 def _quantized(w: QuantizedWeight) -> _Stored:
     rows, columns = w.shape
     scale = _scale_view(w.scale, rows)  # [O, N]
+    stored_group = w.q.shape[1] // scale.shape[1]  # bytes per group of a stored row
+    # The integer kernels need whole 32-byte blocks per group and float16 scales.
+    integer_dots = HAS_AVX2 and stored_group % BLOCK_BYTES == 0 and scale.dtype == np.uint16
     if w.bits == 8:
         q = _kernel_view(w.q, np.int8)  # [O, I]
+
+        def int8_matvec(x: np.ndarray, out: np.ndarray) -> None:
+            if integer_dots:
+                matvec.matvec_int8_blocks(*quantize_activations(x, BLOCK_BYTES), q, scale, out)
+            else:
+                matvec.matvec_int8(x, q, scale, out)
+
         return _Stored(
             rows,
             columns,
-            matvec=lambda x, out: matvec.matvec_int8(x, q, scale, out),
+            matvec=int8_matvec,
             widen=lambda start, out: widen.widen_int8(q, scale, start, out),
         )
     packed = _kernel_view(w.q, np.uint8)  # [O, I/2]
 
     def int4_matvec(x: np.ndarray, out: np.ndarray) -> None:
-        x_even = np.ascontiguousarray(x[:, 0::2])  # [T, I/2]
-        x_odd = np.ascontiguousarray(x[:, 1::2])  # [T, I/2]
-        x_group_sums = x.reshape(x.shape[0], scale.shape[1], -1).sum(axis=-1)  # [T, N]
-        matvec.matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out)
+        T = x.shape[0]
+        if not integer_dots:
+            x_even = np.ascontiguousarray(x[:, 0::2])  # [T, I/2]
+            x_odd = np.ascontiguousarray(x[:, 1::2])  # [T, I/2]
+            x_group_sums = x.reshape(T, scale.shape[1], -1).sum(axis=-1)  # [T, N]
+            matvec.matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out)
+            return
+        # 32 stored bytes hold 64 columns of x: one activation scale per 64 columns.
+        x_q, x_scale = quantize_activations(x, 2 * BLOCK_BYTES)  # [T, I], [T, I/64]
+        block_sums = x_q.reshape(T, x_scale.shape[1], -1).sum(axis=-1) * x_scale  # [T, I/64]
+        offsets = 8 * block_sums.reshape(T, scale.shape[1], -1).sum(axis=-1)  # [T, N]
+        x_even = np.ascontiguousarray(x_q[:, 0::2])  # [T, I/2]
+        x_odd = np.ascontiguousarray(x_q[:, 1::2])  # [T, I/2]
+        offsets = offsets.astype(np.float32)
+        matvec.matvec_int4_blocks(x_even, x_odd, x_scale, offsets, packed, scale, out)
 
     return _Stored(
         rows,

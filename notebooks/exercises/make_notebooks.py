@@ -136,7 +136,7 @@ The weights come as a dict under the official short names:
 | name | shape |
 | --- | --- |
 | `input_layernorm.weight` | [D] |
-| `self_attention.query_key_value.weight` | [(H + 2G)·Dh, D] — rows: q (H·Dh), then k (G·Dh), then v (G·Dh) |
+| `self_attention.query_key_value.weight` | [(H+2G)·Dh, D]: rows q (H·Dh), k (G·Dh), v (G·Dh) |
 | `self_attention.query_key_value.bias` | [(H + 2G)·Dh] |
 | `self_attention.dense.weight` | [D, H·Dh] |
 | `post_attention_layernorm.weight` | [D] |
@@ -215,8 +215,12 @@ SETUP = "import numpy as np\n\nfrom glm_numpy.exercises import check"
 
 
 def _cell(kind: str, source: str, cell_id: str, tags: list[str] | None = None) -> dict:
-    cell = {"cell_type": kind, "id": cell_id, "metadata": {"tags": tags} if tags else {},
-            "source": source.splitlines(keepends=True)}
+    cell = {
+        "cell_type": kind,
+        "id": cell_id,
+        "metadata": {"tags": tags} if tags else {},
+        "source": source.splitlines(keepends=True),
+    }
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
@@ -226,16 +230,20 @@ def notebook(number: int, name: str, text: str, signature: str, body: str, solve
     title = f"# Exercise {number}: `{name}`\n\n"
     if solved:
         function = f"{signature}\n{body}\n"
-        checking = (f'result = check("{name}", {name})\nprint(result)\n'
-                    "assert result.passed, result.message")
+        checking = (
+            f'result = check("{name}", {name})\nprint(result)\nassert result.passed, result.message'
+        )
         title = f"# Exercise {number}: `{name}` — solution\n\n"
     else:
         function = f"{signature}\n    # TODO: your code here\n    raise NotImplementedError\n"
         checking = f'check("{name}", {name})'
     cells = [
-        _cell("markdown", title + text + "\n\nWrite the function, then run the check below: it "
-              "tries your function on many inputs and names the likely bug when one is wrong.",
-              f"{name}-intro"),
+        _cell(
+            "markdown",
+            title + text + "\n\nWrite the function, then run the check below: it "
+            "tries your function on many inputs and names the likely bug when one is wrong.",
+            f"{name}-intro",
+        ),
         _cell("code", SETUP, f"{name}-setup"),
         _cell("code", function, f"{name}-function", ["solution" if solved else "todo"]),
         _cell("code", checking, f"{name}-check"),
@@ -251,14 +259,16 @@ def notebook(number: int, name: str, text: str, signature: str, body: str, solve
     }
 
 
-def main() -> None:
-    (HERE / "solutions").mkdir(exist_ok=True)
+def main(folder: Path = HERE) -> None:
+    """Write the student notebooks into ``folder`` and the solved ones into folder/solutions."""
+    (folder / "solutions").mkdir(exist_ok=True)
     for number, (name, text, signature, body) in enumerate(EXERCISES, start=1):
         filename = f"{number:02d}-{name.replace('_', '-')}.ipynb"
-        for folder, solved in ((HERE, False), (HERE / "solutions", True)):
+        for destination, solved in ((folder, False), (folder / "solutions", True)):
             content = notebook(number, name, text, signature, body, solved)
-            (folder / filename).write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+            (destination / filename).write_text(
+                json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
 
 
 if __name__ == "__main__":
