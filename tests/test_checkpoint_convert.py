@@ -164,3 +164,42 @@ def test_6b_plan_is_the_official_one():
     assert shapes["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"] == (27392, 4096)
     assert shapes["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"] == (4096, 13696)
     assert shapes["transformer.rotary_pos_emb.inv_freq"] == (32,)
+
+
+def test_shards_keep_their_numbers_when_names_sort_differently(tmp_path):
+    """The index's weight_map is sorted by tensor name, which is not shard order (in the
+    official index, final_layernorm of shard 7 sorts second); files must follow their numbers."""
+    from glm_numpy.checkpoint import write_safetensors
+    from glm_numpy.checkpoint.synthetic import write_index
+
+    source = tmp_path / "src"
+    source.mkdir()
+    layout = {1: ["z.first"], 2: ["b.second", "y.second"], 3: ["a.third"]}
+    weight_map = {}
+    for k, names in layout.items():
+        file_name = f"model-{k:05d}-of-00003.safetensors"
+        write_safetensors(source / file_name, {n: np.full(2, k, np.float32) for n in names})
+        weight_map.update(dict.fromkeys(names, file_name))
+    write_index(source, "safetensors", weight_map, 4 * 8)
+    checkpoint = load_checkpoint(source)
+    assert [shard_number(f) for f in checkpoint.files] == ["00001", "00002", "00003"]
+    target = convert_checkpoint(source, tmp_path / "dst", progress=False)
+    converted = load_checkpoint(target)
+    for name in weight_map:
+        assert shard_number(converted.source(name)) == f"{int(converted[name][0]):05d}"
+
+
+def test_convert_releases_mapped_pages(tmp_path):
+    """After a tensor is written its mapped pages are dropped (bounded RSS when converting)."""
+    import mmap
+
+    from glm_numpy.checkpoint.convert import release_pages
+
+    source = write_tiny_checkpoint(tmp_path / "src", fmt="bin")
+    array = load_checkpoint(source)["transformer.output_layer.weight"]
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    assert isinstance(base, mmap.mmap)  # the views do lead back to the file's map
+    release_pages(array)
+    assert np.isfinite(array).all()  # still readable afterwards

@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 
+from glm_numpy import ChatGLM2
 from glm_numpy.dtypes import from_float32, to_float32
 from glm_numpy.kernels import dispatch
+from glm_numpy.kernels.attention import attention_context
 from glm_numpy.kernels.widen import widen_bf16, widen_fp16
+from glm_numpy.layers.attention import attention
 from glm_numpy.layers.linear import linear, linear_reference
 from glm_numpy.quantize import quantize
+from glm_numpy.testing import write_tiny_checkpoint
 
-O, I = 72, 256  # small, but the int4 groups (32, 64) and the per-row case all fit
+O, I = 72, 256  # small, but every group size below and the per-row case fit
 
 # Quantised weights with float16 scales and whole 32-byte blocks per group take the integer
 # kernels (AVX2), which round x to int8 too: they agree to about 1 % of the output's size.
@@ -106,3 +110,28 @@ def test_wrong_feature_count_is_a_clear_error():
 def test_unsupported_weight_dtype_is_a_clear_error():
     with pytest.raises(TypeError, match="dtype int32"):
         linear(np.ones((1, I), np.float32), np.ones((O, I), np.int32))
+
+
+@pytest.mark.parametrize("T, S", [(1, 1), (1, 11), (3, 11), (7, 7)])
+def test_fused_attention_matches_the_layers(T, S):
+    """4 query heads over 2 kv groups; the allowed mask is causal with a padded first slot."""
+    rng = np.random.default_rng(T * 100 + S)
+    q = rng.standard_normal((T, 8, 16)).astype(np.float32)[:, ::2]  # [T, 4, 16], strided
+    keys, values = rng.standard_normal((2, S, 2, 16)).astype(np.float32)
+    allowed = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]  # [T, S] causal
+    if S > T:
+        allowed[:, 0] = False  # left padding: never attended
+    assert_close(
+        attention_context(q, keys, values, allowed), attention(q, keys, values, allowed), EXACT
+    )
+
+
+def test_model_without_trace_equals_the_readable_path(tmp_path):
+    """forward() runs the fused kernels; forward(trace=True) the readable layers."""
+    model = ChatGLM2.from_pretrained(write_tiny_checkpoint(tmp_path, dtype="float16"))
+    ids = np.arange(1, 10)
+    cache, traced_cache = model.new_cache(), model.new_cache()
+    for chunk in (ids[:6], ids[6:7], ids[7:]):  # a prefill, then decode steps over the cache
+        fast = model.forward(chunk, cache=cache)
+        readable, _ = model.forward(chunk, cache=traced_cache, trace=True)
+        assert_close(fast, readable, EXACT)

@@ -11,7 +11,7 @@ text or as single-round chats ("[Round 1]\\n\\n问：<title>\\n\\n答：<poem>" 
 document attending only to itself; a share of English chat examples is packed the same way.
 
 Reproduce (after prepare_corpus.py and train_tokenizer.py):
-  python training/train_default_model.py --workdir /work/corpus --minutes 35 --seed 0
+  python training/train_default_model.py --workdir /work/corpus --minutes 45 --seed 0
 The learning-rate schedule runs on the wall clock (--minutes) or on a step count (--steps N,
 exactly reproducible: pass the step count a timed run reports). It logs to stdout, saves
 <workdir>/checkpoint.pt every five minutes and finally writes config.json, model.safetensors
@@ -41,14 +41,16 @@ from prepare_corpus import chat_prompt, poem_plain, poem_verse  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "glm_numpy" / "assets" / "default_model"
 
-# Tiny sizes, everything else as in THUDM/chatglm2-6b (spec §1.1).
+# Tiny sizes, everything else as in THUDM/chatglm2-6b (spec §1.1). Small enough to train
+# usefully in ~45 minutes on a fraction of two shared CPU cores; the command-line options
+# allow larger ones (e.g. hidden 256, 6 layers, 8 heads, FFN 688) on a quiet machine.
 SIZES = {
-    "hidden_size": 256,
-    "num_layers": 6,
-    "num_attention_heads": 8,
+    "hidden_size": 128,
+    "num_layers": 4,
+    "num_attention_heads": 4,
     "kv_channels": 32,
     "multi_query_group_num": 2,
-    "ffn_hidden_size": 688,
+    "ffn_hidden_size": 352,
 }
 SEQ_LEN = 256
 EPS = 1e-5
@@ -338,7 +340,7 @@ def torch_heldout_nll(model: TinyChatGLM2, sp, texts: list[str]) -> float:
 # Export
 
 
-def official_config(sp_size: int, seq_length: int = 2048) -> dict:
+def official_config(sp_size: int, sizes: dict, seq_length: int = 2048) -> dict:
     """Every key of the hub config.json (spec §1.1), with the tiny sizes."""
     return {
         "_name_or_path": "glm_numpy/default_model",
@@ -360,16 +362,16 @@ def official_config(sp_size: int, seq_length: int = 2048) -> dict:
         "attention_dropout": 0.0,
         "attention_softmax_in_fp32": True,
         "bias_dropout_fusion": True,
-        "ffn_hidden_size": SIZES["ffn_hidden_size"],
+        "ffn_hidden_size": sizes["ffn_hidden_size"],
         "fp32_residual_connection": False,
         "hidden_dropout": 0.0,
-        "hidden_size": SIZES["hidden_size"],
-        "kv_channels": SIZES["kv_channels"],
+        "hidden_size": sizes["hidden_size"],
+        "kv_channels": sizes["kv_channels"],
         "layernorm_epsilon": EPS,
         "multi_query_attention": True,
-        "multi_query_group_num": SIZES["multi_query_group_num"],
-        "num_attention_heads": SIZES["num_attention_heads"],
-        "num_layers": SIZES["num_layers"],
+        "multi_query_group_num": sizes["multi_query_group_num"],
+        "num_attention_heads": sizes["num_attention_heads"],
+        "num_layers": sizes["num_layers"],
         "original_rope": True,
         "padded_vocab_size": padded_vocab(sp_size),
         "post_layer_norm": True,
@@ -384,13 +386,12 @@ def official_config(sp_size: int, seq_length: int = 2048) -> dict:
     }
 
 
-def export(model: TinyChatGLM2, sp_model: Path, out: Path) -> None:
+def export(model: TinyChatGLM2, cfg: dict, sp_model: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    cfg = official_config(sp.get_piece_size())
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # save_file leaves it private; it is package data
     shutil.copyfile(sp_model, out / "tokenizer.model")
     size = (out / "model.safetensors").stat().st_size
     print(f"exported {len(tensors)} tensors ({size / 1e6:.1f} MB) to {out}", flush=True)
@@ -415,8 +416,10 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=35.0, help="wall-clock budget")
     budget.add_argument("--steps", type=int, help="fixed step count instead of a time budget")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    for key, value in SIZES.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--zh-share", type=float, default=0.45)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -427,13 +430,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sp_model = args.workdir / "tokenizer.model"
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    cfg = official_config(sp.get_piece_size())
+    cfg = official_config(sp.get_piece_size(), {key: getattr(args, key) for key in SIZES})
     model = TinyChatGLM2(cfg)
     ckpt_path = args.workdir / "checkpoint.pt"
 
     if args.export_only:
-        model.load_state_dict(torch.load(ckpt_path)["model"])
-        export(model, sp_model, args.out)
+        model.load_state_dict(torch.load(ckpt_path)["model"])  # trained with the same sizes
+        export(model, cfg, sp_model, args.out)
         return
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -479,7 +482,7 @@ def main() -> None:
 
     minutes = (time.time() - t0) / 60
     print(f"trained {step} steps, {tokens:,} tokens in {minutes:.1f} min", flush=True)
-    export(model, sp_model, args.out)
+    export(model, cfg, sp_model, args.out)
 
 
 if __name__ == "__main__":

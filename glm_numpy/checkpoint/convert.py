@@ -142,8 +142,8 @@ def release_pages(array: np.ndarray) -> None:
     evicted.)
     """
     base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)  # ndarray views, as_strided's wrapper, np.memmap
     if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):
             base.madvise(mmap.MADV_DONTNEED)

@@ -106,7 +106,8 @@ def _load_sharded(index_path: Path) -> Checkpoint:
     weight_map, metadata = _read_index(index_path)
     tensors: dict[str, np.ndarray] = {}
     sources: dict[str, Path] = {}
-    for shard_name in dict.fromkeys(weight_map.values()):
+    # Shard files in their own order (00001, 00002, ...), not in the index's name order.
+    for shard_name in sorted(set(weight_map.values())):
         shard = index_path.parent / shard_name
         if not shard.is_file():
             listed = next(name for name, file in weight_map.items() if file == shard_name)

@@ -1,0 +1,397 @@
+"""Benchmark glm_numpy on the full-size random ChatGLM2-6B, format by format, beside torch.
+
+    python benchmarks/bench.py --checkpoints /work/ckpt
+
+expects under --checkpoints (see docs/performance.md for the commands that make them):
+    6b-safetensors  fp16 (glm-numpy make-random-checkpoint + convert)
+    6b-bf16         glm-numpy convert 6b-safetensors 6b-bf16 --dtype bfloat16
+    6b-int8         glm-numpy quantize 6b-safetensors 6b-int8 --bits 8
+    6b-int4         glm-numpy quantize 6b-safetensors 6b-int4 --bits 4
+    6b-int4-g128    glm-numpy quantize 6b-safetensors 6b-int4-g128 --bits 4 --group-size 128
+
+and measures in ONE run: the memory read bandwidth; numpy's fp32 sgemm GFLOP/s; for each format
+(each in its own subprocess, one after the other, so only one model is ever in memory) the time
+from opening the checkpoint to the first token, prefill tokens/s for 16/128/512-token prompts,
+decode tokens/s, peak RSS; and transformers' GlmForCausalLM in bf16 on the same weights (2
+threads, SDPA). Writes docs/performance.json, docs/performance.md (tables) and
+docs/performance.png. Not a test: it needs the 12.5 GB checkpoints and ~20 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FORMATS = {
+    "fp16": "6b-safetensors",
+    "bf16": "6b-bf16",
+    "int8": "6b-int8",
+    "int4": "6b-int4",
+    "int4-g128": "6b-int4-g128",
+}
+TORCH_FORMAT = "bf16"
+PROMPTS = (16, 128, 512)
+DECODE_STEPS = 12
+SEED = 0
+# The native runtimes on this machine kind (../shared/docs/performance-notes.md, not this run).
+LLAMA_CPP_DECODE = {"16 bits": 3.7, "8 bits": 6.0, "4 bits": 11.8}
+LLAMA_CPP_PREFILL_128 = {"f16": 32.6, "q8_0": 25.6, "q4_0": 48.6}
+
+
+# ------------------------------------------------------------------ measurements in this process
+def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
+    """Read bandwidth in bytes/s: a numba prange sum over ``gib`` GiB of float32 (median)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def total(a):
+        s = 0.0
+        for i in prange(a.size):
+            s += a[i]
+        return s
+
+    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    total(a)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(a)
+        times.append(time.perf_counter() - start)
+    return a.nbytes / float(np.median(times))
+
+
+def sgemm_gflops(tokens: int, rows: int = 13696, columns: int = 4096, repeats: int = 5) -> float:
+    """numpy float32 X [T, I] @ W.T [I, O] (the MLP's up projection), GFLOP/s (median)."""
+    rng = np.random.default_rng(SEED)
+    w = rng.standard_normal((rows, columns), dtype=np.float32)
+    x = rng.standard_normal((tokens, columns), dtype=np.float32)
+    x @ w.T
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x @ w.T
+        times.append(time.perf_counter() - start)
+    return 2 * tokens * rows * columns / float(np.median(times)) / 1e9
+
+
+def kernel_prefill_gflops(tokens: int, rows: int = 13696, columns: int = 4096) -> float:
+    """glm_numpy's linear over fp16 weights (block widening + sgemm) on the same shape."""
+    from glm_numpy.layers.linear import linear
+
+    rng = np.random.default_rng(SEED)
+    w = rng.standard_normal((rows, columns), dtype=np.float32).astype(np.float16)
+    x = rng.standard_normal((tokens, columns), dtype=np.float32)
+    linear(x, w)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        linear(x, w)
+        times.append(time.perf_counter() - start)
+    return 2 * tokens * rows * columns / float(np.median(times)) / 1e9
+
+
+# ------------------------------------------------------------------ one format, in a subprocess
+def prompt_ids(vocab: int) -> np.ndarray:
+    return np.random.default_rng(SEED).integers(100, vocab, max(PROMPTS) + DECODE_STEPS + 1)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def weight_bytes(checkpoint, embedding_name: str) -> tuple[int, int]:
+    """(all stored bytes, bytes read per decoded token: all but the embedding, only gathered)."""
+    total = sum(a.nbytes for a in checkpoint.values())
+    return total, total - checkpoint[embedding_name].nbytes
+
+
+def linear_flops_per_token(config) -> int:
+    """2 x the parameters of the layers' Linear weights (the output layer runs on 1 row)."""
+    D, F = config.hidden_size, config.ffn_hidden_size
+    per_layer = config.qkv_size * D + D * D + 2 * F * D + F * D
+    return 2 * config.num_layers * per_layer
+
+
+def run_glm_numpy(directory: Path) -> dict:
+    from glm_numpy.model import ChatGLM2
+
+    start = time.perf_counter()
+    model = ChatGLM2.from_pretrained(directory)
+    ids = prompt_ids(model.config.padded_vocab_size)
+    cache = model.new_cache()
+    model.forward(ids[:16], cache=cache, last_only=True)
+    first_token = time.perf_counter() - start
+    steps = []
+    for t in range(16, 16 + DECODE_STEPS):
+        step = time.perf_counter()
+        model.forward(ids[t : t + 1], cache=cache, last_only=True)
+        steps.append(time.perf_counter() - step)
+    prefill = {}
+    for n in PROMPTS:
+        step = time.perf_counter()
+        model.forward(ids[:n], cache=model.new_cache(), last_only=True)
+        prefill[n] = n / (time.perf_counter() - step)
+    total, per_token = weight_bytes(model.weights, "transformer.embedding.word_embeddings.weight")
+    flops = linear_flops_per_token(model.config)
+    return {
+        "open_to_first_token_s": first_token,
+        "decode_tok_s": 1 / float(np.median(steps)),
+        "decode_step_ms": [1e3 * s for s in steps],
+        "prefill_tok_s": prefill,
+        "prefill_linear_gflops": {n: prefill[n] * flops / 1e9 for n in PROMPTS},
+        "peak_rss_bytes": peak_rss(),
+        "weight_bytes": total,
+        "bytes_per_token": per_token,
+    }
+
+
+def run_torch(directory: Path) -> dict:
+    """transformers GlmForCausalLM (spec §10) in bf16 on the same weights, zero-copy."""
+    import torch
+    from transformers import GlmForCausalLM
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    sys.path.insert(0, str(REPO))
+    from glm_numpy.checkpoint import load_checkpoint
+    from glm_numpy.config import ChatGLM2Config
+    from tests.oracle import glm_config
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    config = ChatGLM2Config.from_json(directory / "config.json")
+    checkpoint = load_checkpoint(directory)
+    glm = glm_config(config)
+    glm._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = GlmForCausalLM(glm)
+    model.load_state_dict(bf16_state_dict(config, checkpoint), assign=True, strict=True)
+    model.model.rotary_emb = GlmRotaryEmbedding(config=glm)  # meta buffers hold garbage
+    model.eval()
+    ids = torch.from_numpy(prompt_ids(config.padded_vocab_size))[None]
+    with torch.inference_mode():
+        out = model(ids[:, :16], use_cache=True)
+        first_token = time.perf_counter() - start
+        past, steps = out.past_key_values, []
+        for t in range(16, 16 + DECODE_STEPS):
+            step = time.perf_counter()
+            past = model(ids[:, t : t + 1], past_key_values=past, use_cache=True).past_key_values
+            steps.append(time.perf_counter() - step)
+        prefill = {}
+        for n in PROMPTS:
+            step = time.perf_counter()
+            model(ids[:, :n], use_cache=True, logits_to_keep=1)
+            prefill[n] = n / (time.perf_counter() - step)
+    total, per_token = weight_bytes(checkpoint, "transformer.embedding.word_embeddings.weight")
+    flops = linear_flops_per_token(config)
+    return {
+        "open_to_first_token_s": first_token,
+        "decode_tok_s": 1 / float(np.median(steps)),
+        "decode_step_ms": [1e3 * s for s in steps],
+        "prefill_tok_s": prefill,
+        "prefill_linear_gflops": {n: prefill[n] * flops / 1e9 for n in PROMPTS},
+        "peak_rss_bytes": peak_rss(),
+        "weight_bytes": total,
+        "bytes_per_token": per_token,
+    }
+
+
+def bf16_state_dict(config, checkpoint) -> dict:
+    """Official names -> Glm names (spec §10), bf16 tensors sharing the mapped pages."""
+    import torch
+
+    def tensor(name):
+        bits = np.asarray(checkpoint[name])
+        if bits.dtype != np.uint16:
+            raise SystemExit(f"torch baseline needs a bfloat16 checkpoint; {name} is {bits.dtype}")
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+    H, G, Dh = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
+    rows = {"q": slice(0, H * Dh), "k": slice(H * Dh, (H + G) * Dh), "v": slice((H + G) * Dh, None)}
+    state = {
+        "model.embed_tokens.weight": tensor("transformer.embedding.word_embeddings.weight"),
+        "model.norm.weight": tensor("transformer.encoder.final_layernorm.weight"),
+        "lm_head.weight": tensor("transformer.output_layer.weight"),
+    }
+    for i in range(config.num_layers):
+        src, dst = f"transformer.encoder.layers.{i}", f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{dst}.{norm}.weight"] = tensor(f"{src}.{norm}.weight")
+        qkv = tensor(f"{src}.self_attention.query_key_value.weight")
+        bias = tensor(f"{src}.self_attention.query_key_value.bias")
+        for part, part_rows in rows.items():
+            state[f"{dst}.self_attn.{part}_proj.weight"] = qkv[part_rows]
+            state[f"{dst}.self_attn.{part}_proj.bias"] = bias[part_rows]
+        state[f"{dst}.self_attn.o_proj.weight"] = tensor(f"{src}.self_attention.dense.weight")
+        state[f"{dst}.mlp.gate_up_proj.weight"] = tensor(f"{src}.mlp.dense_h_to_4h.weight")
+        state[f"{dst}.mlp.down_proj.weight"] = tensor(f"{src}.mlp.dense_4h_to_h.weight")
+    return state
+
+
+def run_in_subprocess(runner: str, directory: Path) -> dict:
+    """One format in a fresh process (its memory is returned to the system when it exits)."""
+    command = [sys.executable, __file__, "--worker", runner, str(directory)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ report
+def roofline(bandwidth: float, result: dict) -> float:
+    return bandwidth / result["bytes_per_token"]
+
+
+def markdown(report: dict) -> str:
+    bw = report["memory_bandwidth_bytes_s"]
+    sgemm = report["numpy_sgemm_gflops"]
+    torch_result = report["results"].get("torch bf16", {})
+    lines = [
+        "# Performance",
+        "",
+        f"Measured in one run on {report['machine']} ({report['date']}), 2 threads, "
+        "full-size random ChatGLM2-6B. The VM is shared: expect ±10-20 % between runs; compare "
+        "within this table.",
+        "",
+        f"- memory read bandwidth (numba prange sum, 2 GiB, median of 7): **{bw / 1e9:.1f} GB/s**",
+        "- numpy fp32 sgemm, X [T, 4096] @ W.T [4096, 13696]: "
+        + ", ".join(f"{sgemm[str(n)]:.0f} GFLOP/s at T={n}" for n in PROMPTS),
+        "- glm_numpy linear on fp16 weights, same shape (widen 256-row blocks + sgemm): "
+        + ", ".join(f"{report['kernel_prefill_gflops'][str(n)]:.0f}" for n in PROMPTS)
+        + " GFLOP/s",
+        f"- environment: {report['environment']}",
+        "",
+        "| runtime / format | weights GB | decode tok/s | roofline tok/s | % of roofline "
+        "| vs torch bf16 | prefill tok/s 16 / 128 / 512 | prefill linear GFLOP/s 128 / 512 "
+        "| open → 1st token s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["results"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} |")
+            continue
+        roof = roofline(bw, r)
+        speedup = r["decode_tok_s"] / torch_result["decode_tok_s"] if torch_result else float("nan")
+        p, g = r["prefill_tok_s"], r["prefill_linear_gflops"]
+        lines.append(
+            f"| {name} | {r['weight_bytes'] / 1e9:.2f} | {r['decode_tok_s']:.2f} | {roof:.2f} "
+            f"| {100 * r['decode_tok_s'] / roof:.0f} % | {speedup:.2f}x "
+            f"| {p['16']:.1f} / {p['128']:.1f} / {p['512']:.1f} | {g['128']:.0f} / {g['512']:.0f} "
+            f"| {r['open_to_first_token_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
+        )
+    lines += [
+        "",
+        "Decode: median of "
+        f"{DECODE_STEPS} steps after a 16-token prompt; roofline = bandwidth / bytes read per "
+        "token (all weights but the embedding). Prefill: one pass over a prompt of 16/128/512 "
+        "tokens with a fresh cache (logits of the last token only); linear GFLOP/s counts the "
+        "layers' matrix products only, the time includes everything. Open → first token: "
+        "from ChatGLM2.from_pretrained to the logits of a 16-token prompt (page cache warm).",
+        "",
+        "For reference, llama.cpp on this machine kind (performance-notes.md, not this run): "
+        "decode "
+        + ", ".join(f"{v} tok/s at {k}" for k, v in LLAMA_CPP_DECODE.items())
+        + "; prefill of 128 tokens "
+        + ", ".join(f"{v} tok/s {k}" for k, v in LLAMA_CPP_PREFILL_128.items())
+        + ".",
+        "",
+        "![decode and prefill by format](performance.png)",
+        "",
+        "Reproduce (after making the checkpoints listed in benchmarks/bench.py):",
+        "",
+        "    python benchmarks/bench.py --checkpoints /work/ckpt",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {k: v for k, v in report["results"].items() if "error" not in v}
+    names = list(results)
+    bw = report["memory_bandwidth_bytes_s"]
+    fig, (decode, prefill) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(names))
+    decode.bar(x, [results[n]["decode_tok_s"] for n in names], color="tab:blue", label="measured")
+    decode.scatter(
+        x,
+        [roofline(bw, results[n]) for n in names],
+        color="black",
+        marker="_",
+        s=400,
+        zorder=3,
+        label="roofline (bandwidth / bytes per token)",
+    )
+    decode.set_xticks(x, names, rotation=20)
+    decode.set_ylabel("decode tokens/s")
+    decode.legend()
+    width = 0.27
+    for k, n in enumerate(PROMPTS):
+        values = [results[name]["prefill_tok_s"][str(n)] for name in names]
+        prefill.bar(x + (k - 1) * width, values, width, label=f"{n}-token prompt")
+    prefill.set_xticks(x, names, rotation=20)
+    prefill.set_ylabel("prefill tokens/s")
+    prefill.legend()
+    fig.suptitle("glm_numpy vs torch bf16, ChatGLM2-6B (random weights), 2 threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", type=Path, default=Path("/work/ckpt"))
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        runner, directory = args.worker
+        result = (run_torch if runner == "torch" else run_glm_numpy)(Path(directory))
+        print(json.dumps(result))
+        return
+
+    from glm_numpy import kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba's pool)
+
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "environment": ", ".join(
+            f"{k}={os.environ.get(k, '(unset)')}"
+            for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_WAIT_POLICY")
+        ),
+        "memory_bandwidth_bytes_s": memory_bandwidth(),
+        "numpy_sgemm_gflops": {str(n): sgemm_gflops(n) for n in PROMPTS},
+        "kernel_prefill_gflops": {str(n): kernel_prefill_gflops(n) for n in PROMPTS},
+        "results": {},
+    }
+    print(json.dumps(report, indent=1), flush=True)
+    runs = [(f"glm_numpy {f}", "glm_numpy", FORMATS[f]) for f in args.formats.split(",")]
+    if not args.no_torch:
+        runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT]))
+    for name, runner, folder in runs:
+        result = run_in_subprocess(runner, args.checkpoints / folder)
+        result = json.loads(json.dumps(result))  # prompt lengths as string keys, as in the file
+        report["results"][name] = result
+        print(name, json.dumps(result), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "performance.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "performance.md").write_text(markdown(report))
+    chart(report, args.out / "performance.png")
+
+
+if __name__ == "__main__":
+    main()
