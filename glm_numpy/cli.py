@@ -17,7 +17,9 @@ reported as one line on stderr with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -245,20 +247,29 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def reply_to(session: ChatSession, query: str) -> None:
-    """Stream one reply; Ctrl-C stops the reply (it stays in the history as far as it got)."""
+    """Stream one reply; Ctrl-C stops the reply (it stays in the history as far as it got).
+
+    Ctrl-C only raises a flag, checked between tokens: a KeyboardInterrupt raised inside a
+    numba kernel's thread pool could leave the process unable to exit cleanly.
+    """
     print("ChatGLM: ", end="", flush=True)
+    interrupted = threading.Event()
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     reply = session.stream(query)
     shown = ""
     try:
         for partial in reply:
             shown = print_growing(shown, partial)
+            if interrupted.is_set():
+                reply.close()
+                print(" [interrupted]")
+                return
         print()
-    except KeyboardInterrupt:
-        reply.close()
-        print(" [interrupted]")
     except ValueError as err:  # the conversation no longer fits in max_length
         print()
         print(f"glm-numpy: {err}; /clear to start a new conversation", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
 
 
 def show_history(history: list[tuple[str, str]]) -> None:

@@ -182,10 +182,14 @@ def test_interrupted_reply_is_reported_and_swallowed(capsys):
     class Session:
         def stream(self, query):
             yield "Hel"
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the next token is computed
+            yield "Hello"
+            yield "Hello, world"  # never reached: the reply stops at the token after Ctrl-C
 
+    handler = signal.getsignal(signal.SIGINT)
     reply_to(Session(), "q")
-    assert capsys.readouterr().out == "ChatGLM: Hel [interrupted]\n"
+    assert capsys.readouterr().out == "ChatGLM: Hello [interrupted]\n"
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C outside a reply is as before
 
 
 def test_make_random_checkpoint_convert_and_inspect(tmp_path, capsys):
