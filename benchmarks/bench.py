@@ -297,6 +297,17 @@ def markdown(report: dict) -> str:
         "layers' matrix products only, the time includes everything. Open → first token: "
         "from ChatGLM2.from_pretrained to the logits of a 16-token prompt (page cache warm).",
         "",
+        "## What runs",
+        "",
+        "- decode, 16-bit weights: numba matvec over the uint16 bits, widened in registers "
+        "(fp16 via `vcvtph2ps`, bf16 by a 16-bit shift), output rows split over 2 threads;",
+        "- decode, int8/int4: the activation row is rounded to int8 (one scale per 32 weight "
+        "bytes) and multiplied as integers with AVX2 `vpmaddubsw`/`vpmaddwd` "
+        "(glm_numpy/kernels/intdot.py), scales applied per group to 8-lane vectors;",
+        "- prefill: weights widened to float32 256 rows at a time, each block multiplied by "
+        "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels;",
+        "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
+        "",
         "For reference, llama.cpp on this machine kind (performance-notes.md, not this run): "
         "decode "
         + ", ".join(f"{v} tok/s at {k}" for k, v in LLAMA_CPP_DECODE.items())
@@ -306,8 +317,15 @@ def markdown(report: dict) -> str:
         "",
         "![decode and prefill by format](performance.png)",
         "",
-        "Reproduce (after making the checkpoints listed in benchmarks/bench.py):",
+        "Reproduce (about 35 GB of checkpoints, 30 minutes; never two models in memory at once):",
         "",
+        "    glm-numpy make-random-checkpoint /work/ckpt/6b-bin            # fp16 .bin shards",
+        "    glm-numpy convert /work/ckpt/6b-bin /work/ckpt/6b-safetensors",
+        "    glm-numpy convert /work/ckpt/6b-safetensors /work/ckpt/6b-bf16 --dtype bfloat16",
+        "    glm-numpy quantize /work/ckpt/6b-safetensors /work/ckpt/6b-int8 --bits 8",
+        "    glm-numpy quantize /work/ckpt/6b-safetensors /work/ckpt/6b-int4 --bits 4",
+        "    glm-numpy quantize /work/ckpt/6b-safetensors /work/ckpt/6b-int4-g128 --bits 4 "
+        "--group-size 128",
         "    python benchmarks/bench.py --checkpoints /work/ckpt",
         "",
     ]

@@ -20,6 +20,7 @@ import numpy as np
 from glm_numpy.cache import KVCache
 from glm_numpy.config import ChatGLM2Config
 from glm_numpy.kernels.attention import attention_context
+from glm_numpy.kernels.norm import fused_rms_norm
 from glm_numpy.layers import apply_rotary, embedding, linear, lm_head, rms_norm, rotary_table
 from glm_numpy.layers.attention import attend, attention_scores, masked_softmax
 from glm_numpy.layers.swiglu import swiglu_act
@@ -236,13 +237,14 @@ def transformer_block(config, i, w: LayerWeights, x, rotary, caches, slots, allo
     """
     c = config
     name = f"layers.{i}"
+    norm = fused_rms_norm if keep is _skip else rms_norm  # no trace: the same math, fused
     keep(f"{name}.input", x)
-    a = rms_norm(x, w.input_layernorm, c.layernorm_epsilon)  # [B, T, D]
+    a = norm(x, w.input_layernorm, c.layernorm_epsilon)  # [B, T, D]
     keep(f"{name}.input_layernorm", a)
     attn = self_attention(config, i, w, a, rotary, caches, slots, allowed, keep)  # [B, T, D]
     x1 = x + attn  # [B, T, D]
     keep(f"{name}.residual_attention", x1)
-    m = rms_norm(x1, w.post_attention_layernorm, c.layernorm_epsilon)  # [B, T, D]
+    m = norm(x1, w.post_attention_layernorm, c.layernorm_epsilon)  # [B, T, D]
     keep(f"{name}.post_attention_layernorm", m)
     u = linear(m, w.dense_h_to_4h)  # [B, T, 2F]
     gate, up, act = swiglu_act(u)  # [B, T, F] each

@@ -1,5 +1,7 @@
-"""docs/architecture.md's shape tables are generated from the code: regenerate and compare."""
+"""docs/architecture.md's shape tables are generated from the code: regenerate and compare.
+And the step-through notebooks are committed without outputs (CI executes them instead)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from glm_numpy.shapes import (
     weight_rows,
 )
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 
 
 def test_architecture_doc_holds_the_tables_the_code_generates():
@@ -42,3 +45,16 @@ def test_traced_activation_shapes_follow_the_legend():
 def test_a_probe_whose_sizes_collide_is_refused():
     with pytest.raises(ValueError, match="ambiguous"):
         symbol_of_size(official_config(), T=4096, S=5)  # T would look like D
+
+
+def test_step_through_notebooks_are_committed_without_outputs():
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+    assert len(notebooks) == 11  # 00-tour ... 10-quantisation
+    for path in notebooks:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        for cell in cells:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, (
+                    f"{path.name}: strip its outputs before committing "
+                    "(jupyter nbconvert --clear-output --inplace)"
+                )

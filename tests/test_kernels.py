@@ -7,9 +7,12 @@ from glm_numpy import ChatGLM2
 from glm_numpy.dtypes import from_float32, to_float32
 from glm_numpy.kernels import dispatch
 from glm_numpy.kernels.attention import attention_context
+from glm_numpy.kernels.matvec import quantize_activations
+from glm_numpy.kernels.norm import fused_rms_norm
 from glm_numpy.kernels.widen import widen_bf16, widen_fp16
 from glm_numpy.layers.attention import attention
 from glm_numpy.layers.linear import linear, linear_reference
+from glm_numpy.layers.rms_norm import rms_norm
 from glm_numpy.quantize import quantize
 from glm_numpy.testing import write_tiny_checkpoint
 
@@ -88,7 +91,8 @@ def test_16_bit_widening_is_exact(widen, storage):
 
 def test_quantize_activations_rounds_each_block_to_127_steps():
     x = np.random.default_rng(4).standard_normal((2, 128)).astype(np.float32)
-    x_q, x_scale = dispatch.quantize_activations(x, 32)
+    x_q, x_scale = np.empty((2, 128), np.int8), np.empty((2, 4), np.float32)
+    quantize_activations(x, 32, x_q, x_scale)
     assert x_q.dtype == np.int8 and x_scale.shape == (2, 4)
     assert np.abs(x_q).max(axis=-1).tolist() == [127, 127]
     restored = x_q.reshape(2, 4, 32) * x_scale[..., None]  # [T, blocks, 32]
@@ -124,6 +128,14 @@ def test_fused_attention_matches_the_layers(T, S):
     assert_close(
         attention_context(q, keys, values, allowed), attention(q, keys, values, allowed), EXACT
     )
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "bf16"])
+def test_fused_rms_norm_matches_the_layer(storage):
+    rng = np.random.default_rng(5)
+    x = (8 * rng.standard_normal((2, 3, 2 * I))).astype(np.float32)[..., ::2]  # [2, 3, I] strided
+    weight = STORAGES[storage][0](rng.standard_normal(I).astype(np.float32))
+    assert_close(fused_rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), EXACT)
 
 
 def test_model_without_trace_equals_the_readable_path(tmp_path):

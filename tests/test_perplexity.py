@@ -1,13 +1,16 @@
 """Sliding-window perplexity: exp of the mean NLL, every token after the first scored once."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 from glm_numpy import ChatGLM2
+from glm_numpy.cli import main
 from glm_numpy.perplexity import perplexity, token_nll, window_starts
 from glm_numpy.testing import write_tiny_checkpoint
+from glm_numpy.tokenizer import ChatGLM2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +78,27 @@ def test_token_nll_is_stable_for_huge_logits():
 def test_bad_arguments_are_clear_errors(window, stride, length, message):
     with pytest.raises(ValueError, match=message):
         perplexity(UniformModel(), np.zeros(length, np.int64), window, stride)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, real_tokenizer_path):
+    """A tiny random checkpoint with the real vocabulary size, plus the real tokenizer."""
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("cli"), padded_vocab_size=65024)
+    shutil.copy(real_tokenizer_path, directory / "tokenizer.model")
+    return directory
+
+
+def test_perplexity_command_reports_the_value_window_and_stride(model_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(
+        "The quick brown fox jumps over the lazy dog. 你好，世界！" * 3, encoding="utf-8"
+    )
+    assert main(["perplexity", str(text), "--model", str(model_dir), "--window", "16"]) == 2
+    assert "--stride (256) <= --window (16)" in capsys.readouterr().err
+    argv = ["perplexity", str(text), "--model", str(model_dir), "--window", "16", "--stride", "8"]
+    assert main(argv) == 0
+    ids = ChatGLM2Tokenizer.from_pretrained(model_dir).encode(text.read_text(encoding="utf-8"))
+    expected = perplexity(ChatGLM2.from_pretrained(model_dir), ids, window=16, stride=8)
+    printed = capsys.readouterr().out
+    assert f"perplexity {expected.perplexity:.4f}" in printed
+    assert f"over {len(ids) - 1} tokens" in printed and "window 16, stride 8" in printed

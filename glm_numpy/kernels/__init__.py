@@ -1,10 +1,17 @@
 """numba kernels: the hot loops of the forward pass, each tested to agree with the readable
-NumPy layer it speeds up (glm_numpy/layers).
+NumPy layer it speeds up (glm_numpy/layers; tests/test_kernels.py).
 
-- matvec: decode, y = x @ W.T for a few rows, streaming W once in its stored 16-bit or
-  quantised form (the time per token is the time to read the weights from memory);
-- widen:  prefill, W widened to float32 a block of rows at a time for BLAS sgemm;
-- dispatch: `project` picks one of the two for ``glm_numpy.layers.linear``.
+- bits:     16-bit float bits (uint16) -> float32 inside compiled code (numba has no float16);
+- matvec:   decode, y = x @ W.T for a few rows, streaming W once in its stored 16-bit or
+            quantised form (the time per token is the time to read the weights from memory);
+- intdot:   AVX2 integer dot products for int8/int4 weights (LLVM written with llvmlite);
+- widen:    prefill, W widened to float32 a block of rows at a time for BLAS sgemm;
+- dispatch: ``project`` picks one of the above for ``glm_numpy.layers.linear``;
+- attention, norm: attention over the KV cache and RMSNorm, fused (ChatGLM2.forward uses them
+            when no trace is recorded).
+
+Every kernel is compiled on first use and cached on disk (``cache=True``: __pycache__ beside
+this package, or numba's per-user cache directory if that is read-only).
 
 Threads: numba runs its parallel loops on an OpenMP pool and numpy's sgemm on OpenBLAS's
 threads. Both pools spin-wait between jobs by default, so when a prefill alternates between a

@@ -95,15 +95,6 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
     )
 
 
-def quantize_activations(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """x [T, n] float32 -> x_q [T, n] int8 in -127..127, x_scale [T, n/block] float32 with
-    x ≈ x_q * x_scale, one scale per block of columns (absmax)."""
-    blocks = x.reshape(x.shape[0], -1, block)  # [T, n/block, block]
-    x_scale = np.abs(blocks).max(axis=-1) / np.float32(127)  # [T, n/block]
-    safe = np.where(x_scale == 0, np.float32(1), x_scale)[..., None]
-    return np.rint(blocks / safe).astype(np.int8).reshape(x.shape), x_scale
-
-
 def _quantized(w: QuantizedWeight) -> _Stored:
     rows, columns = w.shape
     scale = _scale_view(w.scale, rows)  # [O, N]
@@ -115,7 +106,7 @@ def _quantized(w: QuantizedWeight) -> _Stored:
 
         def int8_matvec(x: np.ndarray, out: np.ndarray) -> None:
             if integer_dots:
-                matvec.matvec_int8_blocks(*quantize_activations(x, BLOCK_BYTES), q, scale, out)
+                matvec.matvec_int8_blocks(x, q, scale, out)
             else:
                 matvec.matvec_int8(x, q, scale, out)
 
@@ -128,21 +119,13 @@ def _quantized(w: QuantizedWeight) -> _Stored:
     packed = _kernel_view(w.q, np.uint8)  # [O, I/2]
 
     def int4_matvec(x: np.ndarray, out: np.ndarray) -> None:
-        T = x.shape[0]
-        if not integer_dots:
-            x_even = np.ascontiguousarray(x[:, 0::2])  # [T, I/2]
-            x_odd = np.ascontiguousarray(x[:, 1::2])  # [T, I/2]
-            x_group_sums = x.reshape(T, scale.shape[1], -1).sum(axis=-1)  # [T, N]
-            matvec.matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out)
+        if integer_dots:
+            matvec.matvec_int4_blocks(x, packed, scale, out)
             return
-        # 32 stored bytes hold 64 columns of x: one activation scale per 64 columns.
-        x_q, x_scale = quantize_activations(x, 2 * BLOCK_BYTES)  # [T, I], [T, I/64]
-        block_sums = x_q.reshape(T, x_scale.shape[1], -1).sum(axis=-1) * x_scale  # [T, I/64]
-        offsets = 8 * block_sums.reshape(T, scale.shape[1], -1).sum(axis=-1)  # [T, N]
-        x_even = np.ascontiguousarray(x_q[:, 0::2])  # [T, I/2]
-        x_odd = np.ascontiguousarray(x_q[:, 1::2])  # [T, I/2]
-        offsets = offsets.astype(np.float32)
-        matvec.matvec_int4_blocks(x_even, x_odd, x_scale, offsets, packed, scale, out)
+        x_even = np.ascontiguousarray(x[:, 0::2])  # [T, I/2]
+        x_odd = np.ascontiguousarray(x[:, 1::2])  # [T, I/2]
+        x_group_sums = x.reshape(x.shape[0], scale.shape[1], -1).sum(axis=-1)  # [T, N]
+        matvec.matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out)
 
     return _Stored(
         rows,

@@ -128,34 +128,81 @@ def matvec_int4(x_even, x_odd, x_group_sums, packed, scale, out):
             out[t, o] = total
 
 
-@njit(parallel=True, cache=True)
-def matvec_int8_blocks(x_q, x_scale, q, scale_bits, out):
-    """x quantised too: x_q [T, I] int8, x_scale [T, I/32] float32 (x ≈ x_q * x_scale per
-    block of 32 columns), q [O, I] int8, scale_bits [O, N] uint16 (fp16) -> out [T, O].
+@njit(cache=True)
+def quantize_activations(x, block, x_q, x_scale):
+    """x [T, n] float32 -> x_q [T, n] int8 in -127..127 and x_scale [T, n/block] float32,
+    x ≈ x_q * x_scale with one absmax scale per block of columns. (One thread, one pass: at a
+    token per step, numpy's several passes and the thread pool's wake-up cost more.)"""
+    T, n = x.shape
+    for t in range(T):
+        for b in range(n // block):
+            largest = np.float32(0.0)
+            for i in range(b * block, (b + 1) * block):
+                largest = max(largest, abs(x[t, i]))
+            scale = largest / np.float32(127.0)
+            x_scale[t, b] = scale
+            inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+            for i in range(b * block, (b + 1) * block):
+                x_q[t, i] = np.int8(np.rint(x[t, i] * inverse))
 
-    Integer dot products (intdot.dot_int8_blocks); needs I/N to be a multiple of 32."""
+
+@njit(cache=True)
+def split_int4_activations(x_q, x_scale, n_groups, x_even, x_odd, offsets):
+    """x_q [T, I] int8, x_scale [T, I/64] -> x_even/x_odd [T, I/2] (its even and odd columns)
+    and offsets [T, N] = 8 * Σ x_q * x_scale over each group of I/N columns."""
+    T, I = x_q.shape
+    per_group = I // n_groups
+    for t in range(T):
+        for g in range(n_groups):
+            offsets[t, g] = 0.0
+        for k in range(I // 2):
+            x_even[t, k] = x_q[t, 2 * k]
+            x_odd[t, k] = x_q[t, 2 * k + 1]
+        for i in range(I):
+            offsets[t, i // per_group] += np.float32(8.0) * x_q[t, i] * x_scale[t, i // 64]
+
+
+@njit(parallel=True, cache=True)
+def matvec_int8_blocks(x, q, scale_bits, out):
+    """x [T, I] float32, q [O, I] int8, scale_bits [O, N] uint16 (fp16) -> out [T, O] ≈ x @ W.T.
+
+    x is rounded to int8 (one scale per block of 32 columns) and the products are integer
+    (intdot.dot_int8_blocks); needs I/N to be a multiple of 32."""
+    T, I = x.shape
+    x_q = np.empty((T, I), dtype=np.int8)
+    x_scale = np.empty((T, I // BLOCK_BYTES), dtype=np.float32)
+    quantize_activations(x, BLOCK_BYTES, x_q, x_scale)
     n_groups = scale_bits.shape[1]
-    group_blocks = q.shape[1] // n_groups // BLOCK_BYTES
+    group_blocks = I // n_groups // BLOCK_BYTES
     for o in prange(q.shape[0]):
         row, row_scales = q[o].ctypes.data, scale_bits[o].ctypes.data
-        for t in range(x_q.shape[0]):
+        for t in range(T):
             xs, ss = x_q[t].ctypes.data, x_scale[t].ctypes.data
             out[t, o] = dot_int8_blocks(row, xs, ss, row_scales, n_groups, group_blocks)
 
 
 @njit(parallel=True, cache=True)
-def matvec_int4_blocks(x_even, x_odd, x_scale, offsets, packed, scale_bits, out):
-    """x quantised too: x_even/x_odd [T, I/2] int8 (columns 0,2,.. and 1,3,..), x_scale
-    [T, I/64] float32 (one per 32 bytes of each), offsets [T, N] = 8 * Σ x over each group (the
-    + 8 the nibbles carry, see matvec_int4), packed [O, I/2] uint8, scale_bits [O, N] uint16
-    (fp16) -> out [T, O].
+def matvec_int4_blocks(x, packed, scale_bits, out):
+    """x [T, I] float32, packed [O, I/2] uint8, scale_bits [O, N] uint16 (fp16)
+    -> out [T, O] ≈ x @ W.T.
 
-    Integer dot products (intdot.dot_int4_blocks); needs I/N to be a multiple of 64."""
+    x is rounded to int8 (one scale per 64 columns = 32 stored bytes) and split into its even
+    and odd columns, which meet the high and low nibbles of each byte in the integer products
+    (intdot.dot_int4_blocks); the + 8 the nibbles carry (see matvec_int4) is taken back per
+    group with 8 * Σ x. Needs I/N to be a multiple of 64."""
+    T, I = x.shape
     n_groups = scale_bits.shape[1]
+    x_q = np.empty((T, I), dtype=np.int8)
+    x_scale = np.empty((T, I // (2 * BLOCK_BYTES)), dtype=np.float32)
+    quantize_activations(x, 2 * BLOCK_BYTES, x_q, x_scale)
+    x_even = np.empty((T, I // 2), dtype=np.int8)
+    x_odd = np.empty((T, I // 2), dtype=np.int8)
+    offsets = np.empty((T, n_groups), dtype=np.float32)
+    split_int4_activations(x_q, x_scale, n_groups, x_even, x_odd, offsets)
     group_blocks = packed.shape[1] // n_groups // BLOCK_BYTES
     for o in prange(packed.shape[0]):
         row, row_scales = packed[o].ctypes.data, scale_bits[o].ctypes.data
-        for t in range(x_even.shape[0]):
+        for t in range(T):
             even, odd = x_even[t].ctypes.data, x_odd[t].ctypes.data
             dot = dot_int4_blocks(
                 row, even, odd, x_scale[t].ctypes.data, row_scales, n_groups, group_blocks
