@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
 
-import torch_reference as ref
 from glm_numpy.dtypes import from_float32, to_float32
 from glm_numpy.layers import (
     apply_rotary,

@@ -4,10 +4,10 @@ checkpoints: same logits (float32, relative 1e-5) and the same 32-token greedy c
 import numpy as np
 import pytest
 import torch
+from oracle import glm_oracle, rotary_inverse_frequencies
 
 from glm_numpy import ChatGLM2
 from glm_numpy.testing import write_tiny_checkpoint
-from oracle import glm_oracle, rotary_inverse_frequencies
 
 CONFIGS = {
     "default": dict(),

@@ -36,22 +36,25 @@ def widen_bf16(w, start, out):
 def widen_int8(q, scale, start, out):
     """q [O, I] int8, scale [O, N] (float32, or float16 bits)
     -> out [n, I] = (q * scale)[start : start + n]."""
-    group = out.shape[1] // scale.shape[1]
+    n_groups = scale.shape[1]
+    group = out.shape[1] // n_groups
     for r in prange(out.shape[0]):
-        for i in range(out.shape[1]):
-            out[r, i] = np.float32(np.int32(q[start + r, i])) * scale_to_float32(
-                scale[start + r, i // group]
-            )
+        for g in range(n_groups):
+            s = scale_to_float32(scale[start + r, g])
+            for i in range(g * group, (g + 1) * group):
+                out[r, i] = np.float32(np.int32(q[start + r, i])) * s
 
 
 @njit(parallel=True, cache=True)
 def widen_int4(packed, scale, start, out):
     """packed [O, I/2] uint8 (column 2k in the high nibble of byte k, 2k+1 in the low one),
     scale [O, N] (float32, or float16 bits) -> out [n, I] = W[start : start + n] as float32."""
-    group = out.shape[1] // scale.shape[1]
+    n_groups = scale.shape[1]
+    group = packed.shape[1] // n_groups  # bytes per group
     for r in prange(out.shape[0]):
-        for k in range(packed.shape[1]):
-            b = np.int32(packed[start + r, k]) ^ 0x88  # both nibbles as s + 8 (see matvec)
-            s = scale_to_float32(scale[start + r, (2 * k) // group])
-            out[r, 2 * k] = np.float32(np.int32(b >> 4) - 8) * s
-            out[r, 2 * k + 1] = np.float32(np.int32(b & 15) - 8) * s
+        for g in range(n_groups):
+            s = scale_to_float32(scale[start + r, g])
+            for k in range(g * group, (g + 1) * group):
+                b = np.int32(packed[start + r, k]) ^ 0x88  # both nibbles as s + 8 (see matvec)
+                out[r, 2 * k] = np.float32(np.int32(b >> 4) - 8) * s
+                out[r, 2 * k + 1] = np.float32(np.int32(b & 15) - 8) * s
