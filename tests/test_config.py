@@ -5,44 +5,7 @@ import json
 import pytest
 
 from glm_numpy import ChatGLM2Config, ConfigError
-
-OFFICIAL = {
-    "_name_or_path": "THUDM/chatglm2-6b",
-    "model_type": "chatglm",
-    "architectures": ["ChatGLMModel"],
-    "auto_map": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-    },
-    "add_bias_linear": False,
-    "add_qkv_bias": True,
-    "apply_query_key_layer_scaling": True,
-    "apply_residual_connection_post_layernorm": False,
-    "attention_dropout": 0.0,
-    "attention_softmax_in_fp32": True,
-    "bias_dropout_fusion": True,
-    "ffn_hidden_size": 13696,
-    "fp32_residual_connection": False,
-    "hidden_dropout": 0.0,
-    "hidden_size": 4096,
-    "kv_channels": 128,
-    "layernorm_epsilon": 1e-05,
-    "multi_query_attention": True,
-    "multi_query_group_num": 2,
-    "num_attention_heads": 32,
-    "num_layers": 28,
-    "original_rope": True,
-    "padded_vocab_size": 65024,
-    "post_layer_norm": True,
-    "rmsnorm": True,
-    "seq_length": 32768,
-    "use_cache": True,
-    "torch_dtype": "float16",
-    "transformers_version": "4.27.1",
-    "tie_word_embeddings": False,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
+from glm_numpy.checkpoint.synthetic import OFFICIAL_CONFIG as OFFICIAL  # spec §1.1, every key
 
 
 def write(tmp_path, values):

@@ -175,7 +175,7 @@ def write_safetensors_stream(
             f.write(header_bytes)
             arrays = iter(arrays)
             for name, dtype, shape in entries:
-                array = _matching(name, dtype, shape, next(arrays, None))
+                array = as_announced(name, dtype, shape, next(arrays, None))
                 f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         os.replace(temporary, path)
     except BaseException:
@@ -183,8 +183,9 @@ def write_safetensors_stream(
         raise
 
 
-def _matching(name: str, dtype: np.dtype, shape: tuple, array: np.ndarray | None) -> np.ndarray:
-    """The array announced as (name, dtype, shape), in little-endian byte order."""
+def as_announced(name: str, dtype: np.dtype, shape: tuple, array: np.ndarray | None) -> np.ndarray:
+    """The array announced in a header as (name, dtype, shape), in little-endian byte order
+    (both safetensors and our torch zip files are little-endian)."""
     if array is None or array.dtype != dtype or array.shape != tuple(shape):
         raise CheckpointError(f"tensor {name!r}: does not match its announced {dtype} {shape}")
     if array.dtype.byteorder == ">":

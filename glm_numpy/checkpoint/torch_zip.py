@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from glm_numpy.checkpoint.errors import CheckpointError, UnsafeCheckpointError
+from glm_numpy.checkpoint.safetensors_io import as_announced
 
 # torch storage type -> numpy dtype of one element (little-endian; uint16 holds bfloat16 bits).
 STORAGE_DTYPES = {
@@ -532,7 +533,7 @@ def write_torch_zip_stream(
             _write_record(archive, f, f"{prefix}/byteorder", b"little")
             arrays = iter(arrays)
             for key, (name, dtype, shape) in enumerate(entries):
-                array = _matching(name, dtype, shape, next(arrays, None))
+                array = as_announced(name, dtype, shape, next(arrays, None))
                 _write_record(archive, f, f"{prefix}/data/{key}", array)
             _write_record(archive, f, f"{prefix}/version", b"3\n")
             _write_record(archive, f, f"{prefix}/.data/serialization_id", b"0" * 40)
@@ -540,15 +541,6 @@ def write_torch_zip_stream(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def _matching(name: str, dtype: np.dtype, shape: tuple, array: np.ndarray | None) -> np.ndarray:
-    """The array announced as (name, dtype, shape), in native byte order."""
-    if array is None or array.dtype != dtype or array.shape != tuple(shape):
-        raise CheckpointError(f"tensor {name!r}: does not match its announced {dtype} {shape}")
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    return array
 
 
 def _write_record(archive: zipfile.ZipFile, f, name: str, data: bytes | np.ndarray) -> None:
