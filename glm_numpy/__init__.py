@@ -1,5 +1,6 @@
 """glm_numpy: a readable NumPy + numba interpreter for ChatGLM2-6B."""
 
+from glm_numpy.assets import default_model_path
 from glm_numpy.cache import KVCache
 from glm_numpy.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from glm_numpy.config import ChatGLM2Config, ConfigError
@@ -20,6 +21,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "build_prompt",
     "chat",
+    "default_model_path",
     "generate",
     "load_checkpoint",
     "stream_chat",

@@ -21,7 +21,10 @@ from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2
 from glm_numpy.quantize import QuantizedWeight
 
 DECODE_ROWS = 4  # up to this many rows the matvec kernels win over widening + sgemm
-BLOCK_ROWS = 256  # rows widened per sgemm block: 256 x 4096 x 4 B = 4 MiB, stays in the L3
+# Rows widened per sgemm block: 512 x 4096 x 4 B = 8 MiB, inside the 32 MiB L3. 128-256 rows
+# measured slower (each block hands the cores from numba's threads to OpenBLAS's and back), 1024
+# no faster at 512 tokens and sometimes much slower at 128.
+BLOCK_ROWS = 512
 
 
 def project(x: np.ndarray, w) -> np.ndarray:
