@@ -147,3 +147,25 @@ def test_model_without_trace_equals_the_readable_path(tmp_path):
         fast = model.forward(chunk, cache=cache)
         readable, _ = model.forward(chunk, cache=traced_cache, trace=True)
         assert_close(fast, readable, EXACT)
+
+
+def test_a_forked_child_computes_with_numpy_instead_of_openmp(tmp_path):
+    """GNU OpenMP cannot run in a child forked after the pool started (numba terminates it):
+    the exercise checker forks, so there the model must fall back to the NumPy layers."""
+    import multiprocessing
+
+    from glm_numpy import ChatGLM2
+    from glm_numpy.testing import write_tiny_checkpoint
+
+    model = ChatGLM2.from_pretrained(write_tiny_checkpoint(tmp_path, dtype="float16"))
+    ids = np.arange(3, 9)
+    expected = model.forward(ids)  # starts numba's OpenMP pool in this process
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: sender.send(model.forward(ids))
+    )
+    child.start()
+    assert receiver.poll(60), f"the forked child died (exit code {child.exitcode})"
+    np.testing.assert_allclose(receiver.recv(), expected, atol=1e-4)
+    child.join()
+    assert child.exitcode == 0

@@ -19,6 +19,11 @@ numba widening step and an sgemm the idle pool keeps burning the 2 cores the oth
 (a 10 ms step became 45 ms). ``OMP_WAIT_POLICY=PASSIVE`` makes OpenMP's workers sleep instead.
 OpenMP reads it once, when numba first loads its threading layer, which happens lazily at the
 first parallel kernel call — after this import. A value the user set is kept.
+
+Fork: GNU OpenMP cannot run in a process forked from one whose pool has started (numba then
+terminates the child). The exercise checker runs students' code in a forked child, and a student
+may well call glm_numpy's layers there, so in a forked process ``usable()`` is False and the
+callers take the readable NumPy path instead: slower, never wrong.
 """
 
 import os
@@ -27,4 +32,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from glm_numpy.kernels.dispatch import project  # noqa: E402  (after the environment is set)
 
-__all__ = ["project"]
+_forked = False
+
+
+def _note_fork() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
+
+
+def usable() -> bool:
+    """Whether this process may run the parallel kernels (not in a forked child; see above)."""
+    return not _forked
+
+
+__all__ = ["project", "usable"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from glm_numpy import kernels
 from glm_numpy.dtypes import to_float32
-from glm_numpy.kernels import project
 from glm_numpy.quantize import QuantizedWeight
 
 
@@ -29,8 +29,10 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     The weight is widened to float32 inside the kernels, at the point of use, so the stored model
     stays in its 16-bit or quantised form and is read once per call.
     """
+    if not kernels.usable():  # a forked child: OpenMP cannot run here
+        return linear_reference(x, w, bias)
     x = np.asarray(x, dtype=np.float32)
-    y = project(x.reshape(-1, x.shape[-1]), w)  # [T, O] with T = all leading axes flattened
+    y = kernels.project(x.reshape(-1, x.shape[-1]), w)  # [T, O] with T = all leading axes flattened
     if bias is not None:
         y += to_float32(bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
