@@ -120,11 +120,11 @@ def quantize_checkpoint(
     """
     # The checkpoint package itself uses ``quantize`` (random quantised checkpoints): import late.
     from glm_numpy.checkpoint.convert import (
-        _copy_side_files,
-        _progress_bar,
-        _refuse_existing,
-        _source_shards,
-        _temporary_directory,
+        copy_side_files,
+        progress_bar,
+        refuse_existing,
+        source_shards,
+        temporary_directory,
     )
     from glm_numpy.checkpoint.index import load_checkpoint
     from glm_numpy.checkpoint.layout import QUANTIZED_MODULES
@@ -135,7 +135,7 @@ def quantize_checkpoint(
     src, dst = Path(src), Path(dst)
     if bits not in (4, 8):
         raise ValueError(f"bits={bits!r}: expected 4 or 8")
-    _refuse_existing(dst)
+    refuse_existing(dst)
     config = ChatGLM2Config.from_json(src / "config.json")
     config_values = config.to_dict()
     if config.quantization_bit:
@@ -156,11 +156,11 @@ def quantize_checkpoint(
         module = name.removesuffix(".weight")
         return module != name and module.endswith(QUANTIZED_MODULES)
 
-    with _temporary_directory(dst) as work:
+    with temporary_directory(dst) as work:
         weight_map: dict[str, str] = {}
         total = 0
-        groups = _source_shards(checkpoint)
-        with _progress_bar(checkpoint.nbytes, progress, "quantize") as bar:
+        groups = source_shards(checkpoint)
+        with progress_bar(checkpoint.nbytes, progress, "quantize") as bar:
             for k, names in enumerate(groups, start=1):
                 file_name = shard_file_name("safetensors", k, len(groups))
                 entries = [
@@ -175,7 +175,7 @@ def quantize_checkpoint(
                     int(np.prod(shape)) * np.dtype(dtype).itemsize for _, dtype, shape in entries
                 )
         write_index(work, "safetensors", weight_map, total)
-        _copy_side_files(src, work)
+        copy_side_files(src, work)
         config_values["quantization_bit"] = bits
         if group_size is not None:
             config_values["quantization_group_size"] = group_size

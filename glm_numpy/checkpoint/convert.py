@@ -50,15 +50,15 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(FLOAT_DTYPES)}")
-    _refuse_existing(dst)
+    refuse_existing(dst)
     checkpoint = load_checkpoint(src)
     config_values = _source_config(src)
     if config_values is not None:
         validate_checkpoint(checkpoint, _parse_config(config_values, src))
-    with _temporary_directory(dst) as work:
+    with temporary_directory(dst) as work:
         _write_converted_shards(checkpoint, work, dtype, progress)
         if src.is_dir():
-            _copy_side_files(src, work)
+            copy_side_files(src, work)
         if config_values is not None:
             if dtype is not None:
                 config_values["torch_dtype"] = dtype
@@ -70,10 +70,10 @@ def convert_checkpoint(
 def _write_converted_shards(
     checkpoint: Checkpoint, directory: Path, dtype: str | None, progress: bool
 ) -> None:
-    groups = _source_shards(checkpoint)
+    groups = source_shards(checkpoint)
     total = sum(_converted_nbytes(checkpoint[name], name, dtype) for g in groups for name in g)
     weight_map: dict[str, str] = {}
-    with _progress_bar(total, progress, "convert") as bar:
+    with progress_bar(total, progress, "convert") as bar:
         for k, names in enumerate(groups, start=1):
             file_name = shard_file_name("safetensors", k, len(groups))
             entries = [_converted_entry(name, checkpoint[name], dtype) for name in names]
@@ -83,7 +83,7 @@ def _write_converted_shards(
     write_index(directory, "safetensors", weight_map, total)
 
 
-def _source_shards(checkpoint: Checkpoint) -> list[list[str]]:
+def source_shards(checkpoint: Checkpoint) -> list[list[str]]:
     """Tensor names grouped by the file they came from, in file order (the official split)."""
     groups: dict[str, list[str]] = {}
     for name in checkpoint:
@@ -167,7 +167,7 @@ def _parse_config(values: dict, src: Path) -> ChatGLM2Config:
         raise CheckpointError(str(err)) from None
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files and the like; not the shards, their index, or config.json."""
     for path in sorted(src.iterdir()):
         if not path.is_file() or path.name == "config.json" or path.name in ENTRY_FILES:
@@ -199,11 +199,11 @@ def make_random_checkpoint(
     dst = Path(dst)
     if fmt not in ("bin", "safetensors"):
         raise ValueError(f"fmt={fmt!r}: expected 'bin' or 'safetensors'")
-    _refuse_existing(dst)
+    refuse_existing(dst)
     config_values = random_config(size, dtype)
     plan = "official" if size == "6b" else "split-middle-layer"
     total = _total_bytes(config_values, dtype)
-    with _temporary_directory(dst) as work, _progress_bar(total, progress, size) as bar:
+    with temporary_directory(dst) as work, progress_bar(total, progress, size) as bar:
         write_random_checkpoint(
             work, config_values, fmt=fmt, seed=seed, shard_plan=plan, progress=bar.update
         )
@@ -221,13 +221,13 @@ def _total_bytes(config_values: dict, dtype: str) -> int:
 # --- shared plumbing -----------------------------------------------------------------------
 
 
-def _refuse_existing(dst: Path) -> None:
+def refuse_existing(dst: Path) -> None:
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
 
 
 @contextlib.contextmanager
-def _temporary_directory(dst: Path) -> Iterator[Path]:
+def temporary_directory(dst: Path) -> Iterator[Path]:
     """A scratch directory beside ``dst`` that becomes ``dst`` only if the block succeeds."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -235,7 +235,7 @@ def _temporary_directory(dst: Path) -> Iterator[Path]:
     work.mkdir()
     try:
         yield work
-        _refuse_existing(dst)  # someone may have created it meanwhile
+        refuse_existing(dst)  # someone may have created it meanwhile
         os.rename(work, dst)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -248,7 +248,7 @@ class _NoBar:
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool, description: str):
+def progress_bar(total: int, enabled: bool, description: str):
     if not enabled:
         yield _NoBar()
         return
