@@ -213,32 +213,15 @@ def bf16_state_dict(config, checkpoint) -> dict:
     """Official names -> Glm names (spec §10), bf16 tensors sharing the mapped pages."""
     import torch
 
+    from glm_numpy.testing import glm_state_dict
+
     def tensor(name):
         bits = np.asarray(checkpoint[name])
         if bits.dtype != np.uint16:
             raise SystemExit(f"torch baseline needs a bfloat16 checkpoint; {name} is {bits.dtype}")
         return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
-    H, G, Dh = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
-    rows = {"q": slice(0, H * Dh), "k": slice(H * Dh, (H + G) * Dh), "v": slice((H + G) * Dh, None)}
-    state = {
-        "model.embed_tokens.weight": tensor("transformer.embedding.word_embeddings.weight"),
-        "model.norm.weight": tensor("transformer.encoder.final_layernorm.weight"),
-        "lm_head.weight": tensor("transformer.output_layer.weight"),
-    }
-    for i in range(config.num_layers):
-        src, dst = f"transformer.encoder.layers.{i}", f"model.layers.{i}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{dst}.{norm}.weight"] = tensor(f"{src}.{norm}.weight")
-        qkv = tensor(f"{src}.self_attention.query_key_value.weight")
-        bias = tensor(f"{src}.self_attention.query_key_value.bias")
-        for part, part_rows in rows.items():
-            state[f"{dst}.self_attn.{part}_proj.weight"] = qkv[part_rows]
-            state[f"{dst}.self_attn.{part}_proj.bias"] = bias[part_rows]
-        state[f"{dst}.self_attn.o_proj.weight"] = tensor(f"{src}.self_attention.dense.weight")
-        state[f"{dst}.mlp.gate_up_proj.weight"] = tensor(f"{src}.mlp.dense_h_to_4h.weight")
-        state[f"{dst}.mlp.down_proj.weight"] = tensor(f"{src}.mlp.dense_4h_to_h.weight")
-    return state
+    return glm_state_dict(config, tensor)
 
 
 def run_in_subprocess(runner: str, directory: Path) -> dict:

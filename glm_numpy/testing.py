@@ -66,3 +66,32 @@ def torch_to_numpy(tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+def glm_state_dict(config, tensor) -> dict:
+    """Official ChatGLM2 names -> the names of transformers' GlmForCausalLM (spec §10), which
+    computes the same function: the torch oracle of the tests and the benchmark's baseline.
+
+    ``tensor(official_name)`` gives each official tensor as a torch tensor (a float32 copy, a
+    bfloat16 view…); query_key_value is split by rows into q, k and v.
+    """
+    H, G, Dh = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
+    rows = {"q": slice(0, H * Dh), "k": slice(H * Dh, (H + G) * Dh), "v": slice((H + G) * Dh, None)}
+    state = {
+        "model.embed_tokens.weight": tensor("transformer.embedding.word_embeddings.weight"),
+        "model.norm.weight": tensor("transformer.encoder.final_layernorm.weight"),
+        "lm_head.weight": tensor("transformer.output_layer.weight"),
+    }
+    for i in range(config.num_layers):
+        src, dst = f"transformer.encoder.layers.{i}", f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{dst}.{norm}.weight"] = tensor(f"{src}.{norm}.weight")
+        qkv = tensor(f"{src}.self_attention.query_key_value.weight")
+        bias = tensor(f"{src}.self_attention.query_key_value.bias")
+        for part, part_rows in rows.items():
+            state[f"{dst}.self_attn.{part}_proj.weight"] = qkv[part_rows]
+            state[f"{dst}.self_attn.{part}_proj.bias"] = bias[part_rows]
+        state[f"{dst}.self_attn.o_proj.weight"] = tensor(f"{src}.self_attention.dense.weight")
+        state[f"{dst}.mlp.gate_up_proj.weight"] = tensor(f"{src}.mlp.dense_h_to_4h.weight")
+        state[f"{dst}.mlp.down_proj.weight"] = tensor(f"{src}.mlp.dense_4h_to_h.weight")
+    return state
