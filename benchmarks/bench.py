@@ -142,19 +142,7 @@ def run_glm_numpy(directory: Path) -> dict:
         step = time.perf_counter()
         model.forward(ids[:n], cache=model.new_cache(), last_only=True)
         prefill[n] = n / (time.perf_counter() - step)
-    total, per_token = weight_bytes(model.weights, "transformer.embedding.word_embeddings.weight")
-    flops = linear_flops_per_token(model.config)
-    return {
-        "bandwidth_bytes_s": bandwidth,
-        "open_to_first_token_s": first_token,
-        "decode_tok_s": 1 / float(np.median(steps)),
-        "decode_step_ms": [1e3 * s for s in steps],
-        "prefill_tok_s": prefill,
-        "prefill_linear_gflops": {n: prefill[n] * flops / 1e9 for n in PROMPTS},
-        "peak_rss_bytes": peak_rss(),
-        "weight_bytes": total,
-        "bytes_per_token": per_token,
-    }
+    return measurements(bandwidth, first_token, steps, prefill, model.weights, model.config)
 
 
 def run_torch(directory: Path) -> dict:
@@ -194,7 +182,12 @@ def run_torch(directory: Path) -> dict:
             step = time.perf_counter()
             model(ids[:, :n], use_cache=True, logits_to_keep=1)
             prefill[n] = n / (time.perf_counter() - step)
-    total, per_token = weight_bytes(checkpoint, "transformer.embedding.word_embeddings.weight")
+    return measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
+
+
+def measurements(bandwidth, first_token, steps, prefill, weights, config) -> dict:
+    """One runtime's figures (the same fields for glm_numpy and torch)."""
+    total, per_token = weight_bytes(weights, "transformer.embedding.word_embeddings.weight")
     flops = linear_flops_per_token(config)
     return {
         "bandwidth_bytes_s": bandwidth,
