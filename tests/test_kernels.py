@@ -9,7 +9,7 @@ from glm_numpy.kernels import dispatch
 from glm_numpy.kernels.attention import attention_context
 from glm_numpy.kernels.matvec import quantize_activations
 from glm_numpy.kernels.norm import fused_rms_norm
-from glm_numpy.kernels.widen import widen_bf16, widen_fp16
+from glm_numpy.kernels.widen import transpose, widen_bf16, widen_fp16
 from glm_numpy.layers.attention import attention
 from glm_numpy.layers.linear import linear, linear_reference
 from glm_numpy.layers.rms_norm import rms_norm
@@ -104,6 +104,15 @@ def test_prefill_block_start_offsets_rows():
     out = np.empty((5, I), dtype=np.float32)
     widen_bf16(bits, 10, out)
     np.testing.assert_array_equal(out, to_float32(bits[10:15]))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (64, 64), (130, 67), (17, 200)])
+def test_transpose_matches_numpy(shape):
+    """Whole and partial 64 x 64 tiles on both sides."""
+    a = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    out = np.empty(shape[::-1], dtype=np.float32)
+    transpose(a, out)
+    np.testing.assert_array_equal(out, a.T)
 
 
 def test_wrong_feature_count_is_a_clear_error():

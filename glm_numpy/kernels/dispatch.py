@@ -54,7 +54,9 @@ def project(x: np.ndarray, w) -> np.ndarray:
         block = buffer[: min(BLOCK_ROWS, rows - start)]
         stored.widen(start, block)
         np.matmul(block, x.T, out=out_t[start : start + len(block)])
-    return np.ascontiguousarray(out_t.T)
+    out = np.empty((x.shape[0], rows), dtype=np.float32)  # [T, O]
+    widen.transpose(out_t, out)
+    return out
 
 
 class _Stored:

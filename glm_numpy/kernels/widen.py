@@ -6,6 +6,9 @@ hand, but it needs float32 weights and a float32 copy of the model does not fit 
 stay in cache) and multiplies each block as soon as it is ready.
 
     rows [start, stop) of W [O, I] in its stored form -> out [stop - start, I] float32
+
+The products come out as [O, T] (a block of weight rows at a time); ``transpose`` turns them
+into the [T, O] the layers use.
 """
 
 from __future__ import annotations
@@ -58,3 +61,22 @@ def widen_int4(packed, scale, start, out):
                 b = np.int32(packed[start + r, k]) ^ 0x88  # both nibbles as s + 8 (see matvec)
                 out[r, 2 * k] = np.float32(np.int32(b >> 4) - 8) * s
                 out[r, 2 * k + 1] = np.float32(np.int32(b & 15) - 8) * s
+
+
+TILE = 64  # 64 x 64 float32 = 16 KiB: a tile's reads and writes both stay in L1
+
+
+@njit(parallel=True, cache=True)
+def transpose(a, out):
+    """a [R, C] float32 -> out [C, R] = a.T, one tile of rows at a time.
+
+    numpy's copy of a transposed view walks one side with a long stride: at 512 tokens it took
+    ~45 ms of a ~470 ms MLP projection; tile by tile it takes ~15 ms."""
+    R, C = a.shape
+    for tile_row in prange((R + TILE - 1) // TILE):
+        r0 = tile_row * TILE
+        r1 = min(r0 + TILE, R)
+        for c0 in range(0, C, TILE):
+            for c in range(c0, min(c0 + TILE, C)):
+                for r in range(r0, r1):
+                    out[c, r] = a[r, c]
