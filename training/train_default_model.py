@@ -241,7 +241,7 @@ class Sampler:
     def english_window(self) -> list[int]:
         k = self.rng.choices(range(len(self.plays)), weights=self.play_weights)[0]
         start = self.rng.choice(self.line_starts[k])
-        # ~2.8 characters per token: 5 characters per token always fill the window.
+        # Text runs ~2.8 characters per token, so 5 characters per row token always fill it.
         ids = self.sp.encode(self.plays[k][start : start + 5 * self.seq_len])
         return self.prefix + ids[: self.seq_len - 2]
 
