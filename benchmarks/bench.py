@@ -125,18 +125,15 @@ def linear_flops_per_token(config) -> int:
 def run_glm_numpy(directory: Path) -> dict:
     from glm_numpy.model import ChatGLM2
 
-    bandwidth = memory_bandwidth(gib=1.0, repeats=5)  # now: the machine is shared
     start = time.perf_counter()
     model = ChatGLM2.from_pretrained(directory)
     ids = prompt_ids(model.config.padded_vocab_size)
     cache = model.new_cache()
     model.forward(ids[:16], cache=cache, last_only=True)
     first_token = time.perf_counter() - start
-    steps = []
-    for t in range(16, 16 + DECODE_STEPS):
-        step = time.perf_counter()
-        model.forward(ids[t : t + 1], cache=cache, last_only=True)
-        steps.append(time.perf_counter() - step)
+    steps, bandwidth = timed_decode(
+        lambda t: model.forward(ids[t : t + 1], cache=cache, last_only=True)
+    )
     prefill = {}
     for n in PROMPTS:
         step = time.perf_counter()
@@ -157,7 +154,6 @@ def run_torch(directory: Path) -> dict:
     from tests.oracle import glm_config
 
     torch.set_num_threads(2)
-    bandwidth = memory_bandwidth(gib=1.0, repeats=5)  # now: the machine is shared
     start = time.perf_counter()
     config = ChatGLM2Config.from_json(directory / "config.json")
     checkpoint = load_checkpoint(directory)
@@ -172,17 +168,34 @@ def run_torch(directory: Path) -> dict:
     with torch.inference_mode():
         out = model(ids[:, :16], use_cache=True)
         first_token = time.perf_counter() - start
-        past, steps = out.past_key_values, []
-        for t in range(16, 16 + DECODE_STEPS):
-            step = time.perf_counter()
+        past = out.past_key_values
+
+        def decode(t: int) -> None:
+            nonlocal past
             past = model(ids[:, t : t + 1], past_key_values=past, use_cache=True).past_key_values
-            steps.append(time.perf_counter() - step)
+
+        steps, bandwidth = timed_decode(decode)
         prefill = {}
         for n in PROMPTS:
             step = time.perf_counter()
             model(ids[:, :n], use_cache=True, logits_to_keep=1)
             prefill[n] = n / (time.perf_counter() - step)
     return measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
+
+
+def timed_decode(decode_one) -> tuple[list[float], float]:
+    """Seconds per call of decode_one(t) for the DECODE_STEPS positions after the 16-token
+    prompt, and the read bandwidth around them: the machine is shared and its bandwidth drifts
+    by tens of percent within minutes, so it is measured just before and just after the steps
+    (1 GiB, median of 5 each) and the roofline uses the mean."""
+    before = memory_bandwidth(gib=1.0, repeats=5)
+    steps = []
+    for t in range(16, 16 + DECODE_STEPS):
+        step = time.perf_counter()
+        decode_one(t)
+        steps.append(time.perf_counter() - step)
+    after = memory_bandwidth(gib=1.0, repeats=5)
+    return steps, (before + after) / 2
 
 
 def measurements(bandwidth, first_token, steps, prefill, weights, config) -> dict:
@@ -228,8 +241,8 @@ def run_in_subprocess(runner: str, directory: Path) -> dict:
 
 # ------------------------------------------------------------------ report
 def roofline(bandwidth: float, result: dict) -> float:
-    """tokens/s if every weight byte were read once per token at the bandwidth measured just
-    before this runtime ran (falling back to the one measured at the start)."""
+    """tokens/s if every weight byte were read once per token at the bandwidth measured around
+    this runtime's decode steps (falling back to the one measured at the start)."""
     return result.get("bandwidth_bytes_s", bandwidth) / result["bytes_per_token"]
 
 
@@ -275,9 +288,10 @@ def markdown(report: dict) -> str:
         "",
         "Decode: median of "
         f"{DECODE_STEPS} steps after a 16-token prompt; roofline = bandwidth (measured by each "
-        "runtime's process just before it loads, 1 GiB, median of 5: other jobs share this VM) / "
-        "bytes read per token (all weights but the embedding). Prefill: one pass over a prompt "
-        "of 16/128/512 tokens with a fresh cache (logits of the last token only); linear "
+        "runtime's process just before and just after its decode steps, 1 GiB, median of 5 "
+        "each, the mean of the two: other jobs share this VM) / bytes read per token (all "
+        "weights but the embedding). Prefill: one pass over a prompt of 16/128/512 tokens with "
+        "a fresh cache (logits of the last token only); linear "
         "GFLOP/s counts the layers' matrix products only, the time includes everything. "
         "Open → first token: from ChatGLM2.from_pretrained to the logits of a 16-token prompt "
         "(page cache as the previous runs left it).",
