@@ -13,8 +13,15 @@ of English chat examples is packed the same way. Attention is plainly causal acr
 eos, so the model learns to start afresh there, and causal attention runs on torch's fused path,
 about a third faster than per-document masks on two CPU cores.
 
-Reproduce (after prepare_corpus.py and train_tokenizer.py):
+Reproduce the shipped model (after prepare_corpus.py and train_tokenizer.py), in two phases:
   python training/train_default_model.py --workdir /work/corpus --minutes 75 --seed 0
+  cp /work/corpus/checkpoint.pt /work/corpus/phase1.pt
+  python training/train_default_model.py --workdir /work/corpus --minutes 40 --seed 1 \
+      --lr 1e-3 --dropout 0.1 --init-from /work/corpus/phase1.pt
+The second phase regularises: continuing without dropout made the held-out poems worse while the
+training loss fell (the model memorises the 7,108 training poems); with dropout both languages
+improved.
+
 The learning-rate schedule runs on the wall clock (--minutes) or on a step count (--steps N,
 exactly reproducible: pass the step count a timed run reports). It logs to stdout, saves
 <workdir>/checkpoint.pt every five minutes and finally writes config.json, model.safetensors
@@ -133,9 +140,10 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(d)
         self.mlp = MLP(d, ffn)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, dropout: float = 0.0):
+        attention = self.self_attention(self.input_layernorm(x), cos, sin)
+        x = x + F.dropout(attention, dropout, self.training)
+        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), dropout, self.training)
 
 
 class Embedding(nn.Module):
@@ -185,9 +193,11 @@ class Transformer(nn.Module):
 class TinyChatGLM2(nn.Module):
     """``state_dict()`` keys are exactly the official tensor names (spec §2.2)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, dropout: float = 0.0):
         super().__init__()
         self.transformer = Transformer(cfg)
+        # Training only (a regulariser, no weights): the exported config keeps the official 0.0.
+        self.dropout = dropout
         n_layers = cfg["num_layers"]
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight"):
@@ -204,9 +214,9 @@ class TinyChatGLM2(nn.Module):
         """ids [B, T] -> logits [B, T, V], causal."""
         tr = self.transformer
         cos, sin = tr.rotary_pos_emb.table(torch.arange(ids.shape[1], device=ids.device))
-        x = tr.embedding.word_embeddings(ids)
+        x = F.dropout(tr.embedding.word_embeddings(ids), self.dropout, self.training)
         for layer in tr.encoder.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, self.dropout)
         return tr.output_layer(tr.encoder.final_layernorm(x))
 
 
@@ -413,6 +423,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--zh-share", type=float, default=0.4)
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="dropout on the embedding and on each residual branch, while training only",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export-only", action="store_true")
@@ -428,7 +444,7 @@ def main() -> None:
     sp_model = args.workdir / "tokenizer.model"
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     cfg = official_config(sp.get_piece_size(), {key: getattr(args, key) for key in SIZES})
-    model = TinyChatGLM2(cfg)
+    model = TinyChatGLM2(cfg, args.dropout)
     ckpt_path = args.workdir / "checkpoint.pt"
 
     if args.export_only:
