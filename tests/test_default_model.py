@@ -20,10 +20,11 @@ from glm_numpy.generation import GenerationConfig, GenerationStats, generate_str
 from glm_numpy.perplexity import token_nll
 
 HELDOUT = Path(__file__).parent / "data" / "default_model_heldout.json"
-# Regression limits: the shipped model scores 3.86 (en) and 85.5 (zh) per character on these
-# passages (3.78 and 97.7 on the whole held-out set, MODEL_CARD.md); the limits leave 5 %
-# for platform rounding, and fail for the previous, smaller model (4.45 and 112.1 here).
-LIMITS = {"en": 4.05, "zh": 90.0}
+# Regression limits: the shipped model scores 3.81 (en) and 78.3 (zh) per character on these
+# passages (3.70 and 90.6 on the whole held-out set, MODEL_CARD.md); the limits leave 5 %
+# for platform rounding, and fail for the previous models (3.86 and 85.5 here before the
+# dropout phase; 4.45 and 112.1 for the smaller model before that).
+LIMITS = {"en": 4.0, "zh": 82.0}
 OFFICIAL_KEYS = {
     "_name_or_path", "model_type", "architectures", "auto_map", "add_bias_linear",
     "add_qkv_bias", "apply_query_key_layer_scaling", "apply_residual_connection_post_layernorm",
