@@ -29,7 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# What glm_numpy sets on import (glm_numpy/__init__.py), here before numpy loads OpenBLAS, so
+# that this process's sgemm and linear figures run as the library does.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = {
@@ -388,7 +392,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "environment": ", ".join(
             f"{k}={os.environ.get(k, '(unset)')}"
-            for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_WAIT_POLICY")
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OPENBLAS_THREAD_TIMEOUT",
+                "OMP_WAIT_POLICY",
+            )
         ),
         "memory_bandwidth_bytes_s": memory_bandwidth(),
         "numpy_sgemm_gflops": {str(n): sgemm_gflops(n) for n in PROMPTS},

@@ -1,5 +1,12 @@
 """glm_numpy: a readable NumPy + numba interpreter for ChatGLM2-6B."""
 
+import os
+
+# Before numpy loads OpenBLAS, which reads it once: its threads sleep right after each sgemm
+# instead of spinning for about 0.1 s over the numba kernels that run between two sgemms
+# (glm_numpy/kernels/__init__.py, "Threads"). A value the user set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from glm_numpy.assets import default_model_path
 from glm_numpy.cache import KVCache
 from glm_numpy.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
