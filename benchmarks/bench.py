@@ -298,7 +298,8 @@ def markdown(report: dict) -> str:
         "a fresh cache (logits of the last token only); linear "
         "GFLOP/s counts the layers' matrix products only, the time includes everything. "
         "Open → first token: from ChatGLM2.from_pretrained to the logits of a 16-token prompt "
-        "(page cache as the previous runs left it).",
+        "(page cache as the previous runs left it). Peak RSS includes the 1 GiB bandwidth probe, "
+        "allocated while the model is loaded.",
         "",
         "## What runs",
         "",
