@@ -29,11 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-# What glm_numpy sets on import (glm_numpy/__init__.py), here before numpy loads OpenBLAS, so
-# that this process's sgemm and linear figures run as the library does.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# glm_numpy before numpy: importing it sets OpenBLAS's thread timeout (glm_numpy/__init__.py)
+# before numpy loads OpenBLAS, so this process's sgemm and linear figures run as the library's.
+import glm_numpy  # noqa: F401
 
-import numpy as np  # noqa: E402
+# isort: split
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = {
