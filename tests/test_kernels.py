@@ -1,5 +1,9 @@
 """The numba kernels agree with the readable NumPy definitions they speed up."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -178,3 +182,17 @@ def test_a_forked_child_computes_with_numpy_instead_of_openmp(tmp_path):
     np.testing.assert_allclose(receiver.recv(), expected, atol=1e-4)
     child.join()
     assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "4"), ("28", "28")])
+def test_importing_glm_numpy_sets_openblas_thread_timeout(user_value, expected):
+    """In a fresh interpreter, as a user's program starts (this one loaded OpenBLAS long ago);
+    a value the user chose is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    code = "import os, glm_numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == expected
