@@ -21,6 +21,10 @@ numba cannot express these instructions, so each kernel is an LLVM loop written 
 The weight scales (float16 bits) are applied per group to 8-lane vectors, and the lanes are
 added once per row: a horizontal sum per group would cost as much as the group's products.
 
+Each block also asks the cache for the weight bytes ``PREFETCH_AHEAD`` further on. A row is
+only a few KiB, and the hardware prefetcher alone left the loop waiting on memory: with the
+software prefetch the int4 kernel read [13696, 4096] weights at ~15 GB/s instead of ~11-13.
+
 Available only where the CPU has AVX2 (``HAS_AVX2``) and for float16 weight scales; elsewhere the
 float kernels run.
 """
@@ -34,6 +38,7 @@ from numba.extending import intrinsic
 
 HAS_AVX2 = "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
 BLOCK_BYTES = 32  # stored weight bytes per activation scale (64 int4 or 32 int8 weights)
+PREFETCH_AHEAD = 4096  # bytes; 2-4 KiB measured best, 256-1024 less so
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _bytes = ir.VectorType(_i8, 32)
@@ -92,15 +97,31 @@ def _load_scalar(builder: ir.IRBuilder, address, index, element: ir.Type, size: 
     return builder.load(builder.inttoptr(builder.add(address, offset), element.as_pointer()))
 
 
-def _grouped_blocks(builder, n_groups, group_blocks, x_scale, w_scale, block_sum) -> ir.Value:
+def _prefetch(builder: ir.IRBuilder, address) -> None:
+    """Hint that the cache line at address will be read soon (no fault if it is not mapped)."""
+    pointer = ir.IntType(8).as_pointer()
+    hint = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [pointer, _i32, _i32, _i32])
+    read, keep, data = ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)
+    builder.call(hint, [builder.inttoptr(address, pointer), read, keep, data])
+
+
+def _grouped_blocks(
+    builder, n_groups, group_blocks, weights, x_scale, w_scale, block_sum
+) -> ir.Value:
     """sum over groups g of w_scale[g] (fp16 bits) * sum over the group's blocks b of
-    x_scale[b] * float(block_sum(byte offset of b)); lanes summed once at the very end."""
+    x_scale[b] * float(block_sum(byte offset of b)); lanes summed once at the very end.
+    The weight bytes (at address ``weights``) are prefetched PREFETCH_AHEAD bytes ahead."""
     zero = ir.Constant(_floats, None)
 
     def group(g, total):
         def block(k, acc):
             b = builder.add(builder.mul(g, group_blocks), k)
-            ints = block_sum(builder.mul(b, ir.Constant(_i64, BLOCK_BYTES)))  # <8 x i32>
+            offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
+            _prefetch(
+                builder,
+                builder.add(weights, builder.add(offset, ir.Constant(_i64, PREFETCH_AHEAD))),
+            )
+            ints = block_sum(offset)  # <8 x i32>
             scale = _broadcast(builder, _load_scalar(builder, x_scale, b, ir.FloatType(), 4))
             return builder.fadd(acc, builder.fmul(builder.sitofp(ints, _floats), scale))
 
@@ -137,7 +158,7 @@ def dot_int4_blocks(typingctx, packed, x_even, x_odd, x_scale, w_scale, n_groups
             )  # |each| <= 4 * 15 * 127 < 2^15
             return builder.call(madd, [pairs, _splat(_shorts, 1)])
 
-        return _grouped_blocks(builder, n_groups, group_blocks, x_scale, w_scale, block_sum)
+        return _grouped_blocks(builder, n_groups, group_blocks, packed, x_scale, w_scale, block_sum)
 
     return signature, codegen
 
@@ -162,6 +183,6 @@ def dot_int8_blocks(typingctx, q, x, x_scale, w_scale, n_groups, group_blocks):
             pairs = builder.call(maddubs, [magnitude, signed_x])  # |each| <= 2 * 128 * 127
             return builder.call(madd, [pairs, _splat(_shorts, 1)])
 
-        return _grouped_blocks(builder, n_groups, group_blocks, x_scale, w_scale, block_sum)
+        return _grouped_blocks(builder, n_groups, group_blocks, q, x_scale, w_scale, block_sum)
 
     return signature, codegen
