@@ -308,7 +308,8 @@ def markdown(report: dict) -> str:
         "(fp16 via `vcvtph2ps`, bf16 by a 16-bit shift), output rows split over 2 threads;",
         "- decode, int8/int4: the activation row is rounded to int8 (one scale per 32 weight "
         "bytes) and multiplied as integers with AVX2 `vpmaddubsw`/`vpmaddwd` "
-        "(glm_numpy/kernels/intdot.py), scales applied per group to 8-lane vectors;",
+        "(glm_numpy/kernels/intdot.py), scales applied per group to 8-lane vectors, the "
+        "weights prefetched 4 KiB ahead in software;",
         "- prefill: weights widened to float32 512 rows at a time, each block multiplied by "
         "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels;",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
