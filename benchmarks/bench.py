@@ -252,6 +252,8 @@ def roofline(bandwidth: float, result: dict) -> float:
 
 
 def markdown(report: dict) -> str:
+    from glm_numpy.kernels.intdot import PREFETCH_AHEAD
+
     bw = report["memory_bandwidth_bytes_s"]
     sgemm = report["numpy_sgemm_gflops"]
     torch_result = report["results"].get("torch bf16", {})
@@ -309,7 +311,7 @@ def markdown(report: dict) -> str:
         "- decode, int8/int4: the activation row is rounded to int8 (one scale per 32 weight "
         "bytes) and multiplied as integers with AVX2 `vpmaddubsw`/`vpmaddwd` "
         "(glm_numpy/kernels/intdot.py), scales applied per group to 8-lane vectors, the "
-        "weights prefetched 4 KiB ahead in software;",
+        f"weights prefetched {PREFETCH_AHEAD // 1024} KiB ahead in software;",
         "- prefill: weights widened to float32 512 rows at a time, each block multiplied by "
         "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels;",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
