@@ -432,6 +432,11 @@ def main() -> None:
         default=0.0,
         help="dropout on the embedding and on each residual branch, while training only",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for the matmuls (worth it only on CPUs with bf16 instructions)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export-only", action="store_true")
@@ -470,14 +475,17 @@ def main() -> None:
     vocab = cfg["padded_vocab_size"]
     t0 = last_save = time.time()
     step, tokens, smooth, progress = 0, 0, None, 0.0
-    # fp32 throughout: on a CPU without bf16 instructions (this VM shows AVX2 only) bf16
-    # autocast measured 25x slower, and torch.compile no faster (matmuls are ~60 % of a step).
+    # Weights, optimiser state and the loss stay float32; --bf16 only runs the matmuls in
+    # bfloat16. Measured at these sizes (batch 8 x 256): 5,234 tok/s with bf16 autocast vs 3,313
+    # fp32 on a Zen 5 with AVX512-BF16, but 25x slower than fp32 on an AVX2-only VM;
+    # torch.compile was no faster on either.
     while progress < 1.0:
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, args.lr)
         ids, targets = sampler.batch(args.batch)
-        logits = model(ids)
-        loss = F.cross_entropy(logits.view(-1, vocab), targets.view(-1), ignore_index=-100)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(ids)
+        loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
