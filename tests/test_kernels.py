@@ -10,7 +10,11 @@ import pytest
 from glm_numpy import ChatGLM2
 from glm_numpy.dtypes import from_float32, to_float32
 from glm_numpy.kernels import dispatch
-from glm_numpy.kernels.attention import attention_context
+from glm_numpy.kernels.attention import (
+    attention_context,
+    fused_attention,
+    fused_attention_serial,
+)
 from glm_numpy.kernels.matvec import quantize_activations
 from glm_numpy.kernels.norm import fused_rms_norm
 from glm_numpy.kernels.widen import transpose, widen_bf16, widen_fp16
@@ -129,8 +133,7 @@ def test_unsupported_weight_dtype_is_a_clear_error():
         linear(np.ones((1, I), np.float32), np.ones((O, I), np.int32))
 
 
-@pytest.mark.parametrize("T, S", [(1, 1), (1, 11), (3, 11), (7, 7)])
-def test_fused_attention_matches_the_layers(T, S):
+def attention_case(T, S):
     """4 query heads over 2 kv groups; the allowed mask is causal with a padded first slot."""
     rng = np.random.default_rng(T * 100 + S)
     q = rng.standard_normal((T, 8, 16)).astype(np.float32)[:, ::2]  # [T, 4, 16], strided
@@ -138,9 +141,25 @@ def test_fused_attention_matches_the_layers(T, S):
     allowed = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]  # [T, S] causal
     if S > T:
         allowed[:, 0] = False  # left padding: never attended
+    return q, keys, values, allowed
+
+
+@pytest.mark.parametrize("T, S", [(1, 1), (1, 11), (3, 11), (7, 7)])
+def test_fused_attention_matches_the_layers(T, S):
+    q, keys, values, allowed = attention_case(T, S)
     assert_close(
         attention_context(q, keys, values, allowed), attention(q, keys, values, allowed), EXACT
     )
+
+
+@pytest.mark.parametrize("kernel", [fused_attention, fused_attention_serial])
+@pytest.mark.parametrize("T, S", [(1, 11), (5, 300)])
+def test_parallel_and_serial_attention_kernels_match_the_layers(kernel, T, S):
+    """attention_context picks one by size; each must compute the layers' attention."""
+    q, keys, values, allowed = attention_case(T, S)
+    out = np.empty(q.shape, dtype=np.float32)
+    kernel(np.ascontiguousarray(q), keys, values, allowed, out)
+    assert_close(out, attention(q, keys, values, allowed), EXACT)
 
 
 @pytest.mark.parametrize("storage", ["fp32", "fp16", "bf16"])
