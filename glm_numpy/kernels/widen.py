@@ -9,6 +9,10 @@ stay in cache) and multiplies each block as soon as it is ready.
 
 The products come out as [O, T] (a block of weight rows at a time); ``transpose`` turns them
 into the [T, O] the layers use.
+
+The quantised loops run over 1-D slices that start at 0: indexed from g * group instead, numba
+cannot rule out a negative index, and its wraparound check kept LLVM from vectorising them
+(int8/int4 widening took ~650 us per 512 x 4096 block instead of ~110, fp16's time).
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ def widen_int8(q, scale, start, out):
     n_groups = scale.shape[1]
     group = out.shape[1] // n_groups
     for r in prange(out.shape[0]):
+        row = q[start + r]
         for g in range(n_groups):
             s = scale_to_float32(scale[start + r, g])
-            for i in range(g * group, (g + 1) * group):
-                out[r, i] = np.float32(np.int32(q[start + r, i])) * s
+            src, dst = row[g * group : (g + 1) * group], out[r, g * group : (g + 1) * group]
+            for i in range(group):
+                dst[i] = np.float32(np.int32(src[i])) * s
 
 
 @njit(parallel=True, cache=True)
@@ -55,12 +61,15 @@ def widen_int4(packed, scale, start, out):
     n_groups = scale.shape[1]
     group = packed.shape[1] // n_groups  # bytes per group
     for r in prange(out.shape[0]):
+        row = packed[start + r]
         for g in range(n_groups):
             s = scale_to_float32(scale[start + r, g])
-            for k in range(g * group, (g + 1) * group):
-                b = np.int32(packed[start + r, k]) ^ 0x88  # both nibbles as s + 8 (see matvec)
-                out[r, 2 * k] = np.float32(np.int32(b >> 4) - 8) * s
-                out[r, 2 * k + 1] = np.float32(np.int32(b & 15) - 8) * s
+            src = row[g * group : (g + 1) * group]
+            dst = out[r, 2 * g * group : 2 * (g + 1) * group]
+            for k in range(group):
+                b = np.int32(src[k]) ^ 0x88  # both nibbles as s + 8 (see matvec)
+                dst[2 * k] = np.float32(np.int32(b >> 4) - 8) * s
+                dst[2 * k + 1] = np.float32(np.int32(b & 15) - 8) * s
 
 
 TILE = 64  # 64 x 64 float32 = 16 KiB: a tile's reads and writes both stay in L1
