@@ -70,6 +70,18 @@ def test_linear_matches_reference(storage, tokens, small_blocks):
     assert_close(linear(x, w), linear_reference(x, w), prefill_tolerance)
 
 
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+@pytest.mark.parametrize("rows", [72, 73], ids=["even-rows", "odd-rows"])
+def test_16_bit_decode_in_row_pairs_matches_reference(storage, rows, monkeypatch):
+    """Long rows are read two at a time (PAIRS_FROM_COLUMNS); here every row is, and an odd
+    count leaves a last row alone."""
+    monkeypatch.setattr(dispatch, "PAIRS_FROM_COLUMNS", 0)
+    make, tolerance = STORAGES[storage]
+    w = make(random_weight(rows=rows))
+    x = np.random.default_rng(2).standard_normal((2, I)).astype(np.float32)
+    assert_close(linear(x, w), linear_reference(x, w), tolerance)
+
+
 @pytest.mark.parametrize("storage", ["fp16", "bf16", "int8 groups of 64", "int4 groups of 128"])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_non_contiguous_inputs_and_bias(storage, tokens, small_blocks):

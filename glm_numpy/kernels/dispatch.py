@@ -25,6 +25,9 @@ DECODE_ROWS = 4  # up to this many rows the matvec kernels win over widening + s
 # measured slower (each block hands the cores from numba's threads to OpenBLAS's and back), 1024
 # no faster at 512 tokens and sometimes much slower at 128.
 BLOCK_ROWS = 512
+# 16-bit decode reads rows two at a time once x [I] float32 outgrows a 32 KiB L1 (8192 columns):
+# at I = 13696 (the MLP's down projection) 30-32 -> 33-34 GB/s, at I = 4096 pairs were slower.
+PAIRS_FROM_COLUMNS = 8192
 
 
 def project(x: np.ndarray, w) -> np.ndarray:
@@ -89,10 +92,13 @@ def _scale_view(scale: np.ndarray, rows: int) -> np.ndarray:
 
 def _sixteen_bit(w: np.ndarray) -> _Stored:
     bits = _kernel_view(w, np.uint16)  # [O, I]
+    pairs = bits.shape[1] > PAIRS_FROM_COLUMNS
     if w.dtype == np.float16:
-        mv, wd = matvec.matvec_fp16, widen.widen_fp16
+        mv = matvec.matvec_fp16_pairs if pairs else matvec.matvec_fp16
+        wd = widen.widen_fp16
     else:
-        mv, wd = matvec.matvec_bf16, widen.widen_bf16
+        mv = matvec.matvec_bf16_pairs if pairs else matvec.matvec_bf16
+        wd = widen.widen_bf16
     return _Stored(
         *bits.shape,
         matvec=lambda x, out: mv(x, bits, out),

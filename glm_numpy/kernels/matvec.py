@@ -6,6 +6,7 @@ registers (never in memory) and splits the output rows between the threads with 
 
     x [T, I] float32 (T small), W [O, I] stored as
       fp16 / bf16 bits (uint16)                     -> matvec_fp16 / matvec_bf16
+                                                       (or *_pairs for long rows)
       int8 [O, I], scale [O, N] (N groups per row)  -> matvec_int8
       int4 nibble pairs, uint8 [O, I/2], scale      -> matvec_int4
     -> out [T, O] float32
@@ -92,6 +93,51 @@ def matvec_bf16(x, w, out):
     for o in prange(w.shape[0]):
         for t in range(x.shape[0]):
             out[t, o] = _dot_bf16(w[o], x[t])
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _dot2_fp16(w0, w1, x):
+    """w0, w1 [I] uint16 fp16 bits, x [I] float32 -> (w0 · x, w1 · x), each x load used twice."""
+    acc0, acc1 = np.float32(0.0), np.float32(0.0)
+    for i in range(x.shape[0]):
+        acc0 += fp16_bits_to_float32(w0[i]) * x[i]
+        acc1 += fp16_bits_to_float32(w1[i]) * x[i]
+    return acc0, acc1
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _dot2_bf16(w0, w1, x):
+    """w0, w1 [I] uint16 bf16 bits, x [I] float32 -> (w0 · x, w1 · x), each x load used twice."""
+    acc0, acc1 = np.float32(0.0), np.float32(0.0)
+    for i in range(x.shape[0]):
+        acc0 += bf16_bits_to_float32(w0[i]) * x[i]
+        acc1 += bf16_bits_to_float32(w1[i]) * x[i]
+    return acc0, acc1
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def matvec_fp16_pairs(x, w, out):
+    """matvec_fp16 two rows at a time, for rows so long that x [I] falls out of L1 (the MLP's
+    down projection, I = 13696: x is 54 KiB): each element of x loaded then serves two rows."""
+    O = w.shape[0]
+    for pair in prange(O // 2):
+        o = 2 * pair
+        for t in range(x.shape[0]):
+            out[t, o], out[t, o + 1] = _dot2_fp16(w[o], w[o + 1], x[t])
+    for t in range(x.shape[0] * (O % 2)):  # an odd last row
+        out[t, O - 1] = _dot_fp16(w[O - 1], x[t])
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def matvec_bf16_pairs(x, w, out):
+    """matvec_bf16 two rows at a time (see matvec_fp16_pairs)."""
+    O = w.shape[0]
+    for pair in prange(O // 2):
+        o = 2 * pair
+        for t in range(x.shape[0]):
+            out[t, o], out[t, o + 1] = _dot2_bf16(w[o], w[o + 1], x[t])
+    for t in range(x.shape[0] * (O % 2)):  # an odd last row
+        out[t, O - 1] = _dot_bf16(w[O - 1], x[t])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
