@@ -54,6 +54,24 @@ LLAMA_CPP_PREFILL_128 = {"f16": 32.6, "q8_0": 25.6, "q4_0": 48.6}
 
 
 # ------------------------------------------------------------------ measurements in this process
+def cpu_description() -> str:
+    """e.g. "AMD EPYC, AVX-512 (with BF16), 2 cores": results move with the VM's CPU kind."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    if "avx512f" in flags:
+        vector = "AVX-512" + (" (with BF16)" if "avx512_bf16" in flags else "")
+    else:
+        vector = "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {vector}, {os.cpu_count()} cores"
+
+
 def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
     """Read bandwidth in bytes/s: a numba prange sum over ``gib`` GiB of float32 (median)."""
     from numba import njit, prange
@@ -73,6 +91,16 @@ def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
         total(a)
         times.append(time.perf_counter() - start)
     return a.nbytes / float(np.median(times))
+
+
+def openblas_core() -> str:
+    """The CPU kind OpenBLAS picked its sgemm kernels for (needs threadpoolctl, optional)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (threadpoolctl not installed)"
+    cores = [i.get("architecture", "?") for i in threadpool_info() if i["internal_api"] == "openblas"]
+    return ", ".join(cores) or "OpenBLAS not loaded"
 
 
 def sgemm_gflops(tokens: int, rows: int = 13696, columns: int = 4096, repeats: int = 5) -> float:
@@ -307,13 +335,15 @@ def markdown(report: dict) -> str:
         "## What runs",
         "",
         "- decode, 16-bit weights: numba matvec over the uint16 bits, widened in registers "
-        "(fp16 via `vcvtph2ps`, bf16 by a 16-bit shift), output rows split over 2 threads;",
+        "(fp16 via `vcvtph2ps`, bf16 by a 16-bit shift), output rows split over 2 threads, "
+        "two rows at a time where x is too long for L1 (the MLP's down projection);",
         "- decode, int8/int4: the activation row is rounded to int8 (one scale per 32 weight "
         "bytes) and multiplied as integers with AVX2 `vpmaddubsw`/`vpmaddwd` "
         "(glm_numpy/kernels/intdot.py), scales applied per group to 8-lane vectors, the "
         f"weights prefetched {PREFETCH_AHEAD // 1024} KiB ahead in software;",
         "- prefill: weights widened to float32 512 rows at a time, each block multiplied by "
-        "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels;",
+        "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels "
+        "(attention on one thread while the cache is short);",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
         "",
         "For reference, llama.cpp on this machine kind (performance-notes.md, not this run): "
@@ -393,16 +423,19 @@ def main() -> None:
     from glm_numpy import kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba's pool)
 
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu_description(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "environment": ", ".join(
-            f"{k}={os.environ.get(k, '(unset)')}"
-            for k in (
-                "OPENBLAS_CORETYPE",
-                "OPENBLAS_L2_SIZE",
-                "OPENBLAS_THREAD_TIMEOUT",
-                "OMP_WAIT_POLICY",
-            )
+            [
+                f"{k}={os.environ.get(k, '(unset)')}"
+                for k in (
+                    "OPENBLAS_CORETYPE",
+                    "OPENBLAS_L2_SIZE",
+                    "OPENBLAS_THREAD_TIMEOUT",
+                    "OMP_WAIT_POLICY",
+                )
+            ]
+            + [f"OpenBLAS kernels: {openblas_core()}"]
         ),
         "memory_bandwidth_bytes_s": memory_bandwidth(),
         "numpy_sgemm_gflops": {str(n): sgemm_gflops(n) for n in PROMPTS},
