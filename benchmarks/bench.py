@@ -99,7 +99,8 @@ def openblas_core() -> str:
         from threadpoolctl import threadpool_info
     except ImportError:
         return "unknown (threadpoolctl not installed)"
-    cores = [i.get("architecture", "?") for i in threadpool_info() if i["internal_api"] == "openblas"]
+    pools = threadpool_info()
+    cores = [i.get("architecture", "?") for i in pools if i["internal_api"] == "openblas"]
     return ", ".join(cores) or "OpenBLAS not loaded"
 
 
