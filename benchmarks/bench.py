@@ -421,7 +421,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from glm_numpy import kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba's pool)
+    from glm_numpy import kernels  # noqa: F401  (sets OpenMP's spin before numba's pool starts)
 
     report = {
         "machine": cpu_description(),
@@ -434,6 +434,7 @@ def main() -> None:
                     "OPENBLAS_L2_SIZE",
                     "OPENBLAS_THREAD_TIMEOUT",
                     "OMP_WAIT_POLICY",
+                    "GOMP_SPINCOUNT",
                 )
             ]
             + [f"OpenBLAS kernels: {openblas_core()}"]

@@ -227,3 +227,25 @@ def test_importing_glm_numpy_sets_openblas_thread_timeout(user_value, expected):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    "user_setting, expected",
+    [
+        ({}, "ACTIVE 1000"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
+        ({"GOMP_SPINCOUNT": "50000"}, "None 50000"),
+    ],
+)
+def test_importing_the_kernels_sets_a_short_openmp_spin(user_setting, expected):
+    """In a fresh interpreter (OpenMP reads these once); a user's own setting is kept whole."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user_setting)
+    code = (
+        "import os, glm_numpy.kernels; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == expected

@@ -16,13 +16,20 @@ this package, or numba's per-user cache directory if that is read-only).
 Threads: numba runs its parallel loops on an OpenMP pool and numpy's sgemm on OpenBLAS's
 threads. Both pools spin-wait between jobs by default, so when a prefill alternates between a
 numba widening step and an sgemm the idle pool keeps burning the 2 cores the other one needs
-(a 10 ms step became 45 ms). ``OMP_WAIT_POLICY=PASSIVE`` makes OpenMP's workers sleep instead.
-OpenMP reads it once, when numba first loads its threading layer, which happens lazily at the
-first parallel kernel call — after this import. A value the user set is kept. OpenBLAS's threads
-spin for about 2^28 cycles after each sgemm; glm_numpy/__init__.py sets
-``OPENBLAS_THREAD_TIMEOUT=4`` (2^4 cycles) before numpy loads OpenBLAS. Measured: the 6B MLP
-projection's prefill (``linear``, fp16 [13696, 4096]) 77 -> 91 GFLOP/s at 128 tokens and
-100 -> 109 at 512 (medians of 5 runs); the default model's prefill never slower.
+(a 10 ms step became 45 ms). OpenBLAS's threads spin for about 2^28 cycles after each sgemm;
+glm_numpy/__init__.py sets ``OPENBLAS_THREAD_TIMEOUT=4`` (2^4 cycles) before numpy loads
+OpenBLAS. Measured: the 6B MLP projection's prefill (``linear``, fp16 [13696, 4096]) 77 -> 91
+GFLOP/s at 128 tokens and 100 -> 109 at 512 (medians of 5 runs).
+
+OpenMP's workers get a short spin instead: ``GOMP_SPINCOUNT=1000`` (about 20 us, with
+``OMP_WAIT_POLICY=ACTIVE``) bridges the few microseconds of Python between two decode kernels,
+where a sleeping worker took tens of microseconds to wake ~113 times per token, yet is over long
+before an sgemm would feel it. int4 6B decode, ms per token (medians of 10 steps, one process
+each, settings alternated 4 times): sleeping workers (``PASSIVE``) 78.7 / 80.3 / 79.5 / 63.4,
+spin 1000 63.4 / 76.5 / 61.0 / 61.8; spin 10,000 was as fast but took the 16-token ``linear``
+from ~60-100 GFLOP/s to ~40. OpenMP reads these once, when numba first loads its threading layer
+(lazily, at the first parallel kernel call, after this import). A user who set either variable
+keeps their choice.
 
 Fork: GNU OpenMP cannot run in a process forked from one whose pool has started (numba then
 terminates the child). The exercise checker runs students' code in a forked child, and a student
@@ -32,7 +39,9 @@ callers take the readable NumPy path instead: slower, never wrong.
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 from glm_numpy.kernels.dispatch import project  # noqa: E402  (after the environment is set)
 
