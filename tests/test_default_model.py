@@ -20,11 +20,12 @@ from glm_numpy.generation import GenerationConfig, GenerationStats, generate_str
 from glm_numpy.perplexity import token_nll
 
 HELDOUT = Path(__file__).parent / "data" / "default_model_heldout.json"
-# Regression limits: the shipped model scores 3.67 (en) and 73.8 (zh) per character on these
-# passages (3.62 and 85.8 on the whole held-out set, MODEL_CARD.md); the limits leave 5 %
-# for platform rounding, and fail for the previous models (78.3 zh here before the third
-# training phase, 85.5 before the second; 4.45 en for the smaller model before that).
-LIMITS = {"en": 3.85, "zh": 77.5}
+# Regression limits: the shipped model scores 3.66 (en) and 70.4 (zh) per character on these
+# passages (3.61 and 83.1 on the whole held-out set, MODEL_CARD.md); the limits leave about 4 %
+# for platform rounding (glm_numpy and torch agree to 1e-5) and fail for the previous models on
+# Chinese (73.8 here before the fourth training phase, 78.3 before the third, 85.5 before the
+# second; English moved less, 3.67 before the fourth phase, 4.45 for the smaller model before).
+LIMITS = {"en": 3.8, "zh": 73.0}
 OFFICIAL_KEYS = {
     "_name_or_path", "model_type", "architectures", "auto_map", "add_bias_linear",
     "add_qkv_bias", "apply_query_key_layer_scaling", "apply_residual_connection_post_layernorm",
