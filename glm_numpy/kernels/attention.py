@@ -18,9 +18,10 @@ from numba import njit, prange
 
 from glm_numpy.kernels.matvec import FASTMATH
 
-# Up to this many multiply-adds (T * H * S * Dh) one thread is faster than waking the pool's
-# sleeping workers: measured at 6B decode shapes (T=1, H=32, Dh=128), serial vs parallel
-# 10 vs 41 us at S=16, 34 vs 59 at S=64, 153 vs 126 at S=256.
+# Up to this many multiply-adds (T * H * S * Dh) one thread is faster than handing work to the
+# pool: measured at 6B decode shapes (T=1, H=32, Dh=128) with the workers asleep between jobs
+# (OMP_WAIT_POLICY=PASSIVE), serial vs parallel 10 vs 41 us at S=16, 34 vs 59 at S=64, 153 vs 126
+# at S=256.
 SERIAL_WORK = 1 << 19
 
 
