@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_default_model import (  # noqa: E402
     TinyChatGLM2,
     heldout_documents,
+    initial_weights,
     perplexity_from_nll,
     read_jsonl,
     torch_heldout_nll,
@@ -65,9 +65,7 @@ def torch_model(directory: Path) -> TinyChatGLM2:
     """The shipped float16 weights in the torch module, computing in float32."""
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     model = TinyChatGLM2(config)
-    model.load_state_dict(
-        {k: v.float() for k, v in load_file(directory / "model.safetensors").items()}
-    )
+    model.load_state_dict(initial_weights(directory))
     return model.eval()
 
 

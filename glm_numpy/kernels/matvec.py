@@ -124,8 +124,9 @@ def matvec_fp16_pairs(x, w, out):
         o = 2 * pair
         for t in range(x.shape[0]):
             out[t, o], out[t, o + 1] = _dot2_fp16(w[o], w[o + 1], x[t])
-    for t in range(x.shape[0] * (O % 2)):  # an odd last row
-        out[t, O - 1] = _dot_fp16(w[O - 1], x[t])
+    if O % 2:  # an odd last row
+        for t in range(x.shape[0]):
+            out[t, O - 1] = _dot_fp16(w[O - 1], x[t])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -136,8 +137,9 @@ def matvec_bf16_pairs(x, w, out):
         o = 2 * pair
         for t in range(x.shape[0]):
             out[t, o], out[t, o + 1] = _dot2_bf16(w[o], w[o + 1], x[t])
-    for t in range(x.shape[0] * (O % 2)):  # an odd last row
-        out[t, O - 1] = _dot_bf16(w[O - 1], x[t])
+    if O % 2:  # an odd last row
+        for t in range(x.shape[0]):
+            out[t, O - 1] = _dot_bf16(w[O - 1], x[t])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
