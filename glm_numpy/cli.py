@@ -252,12 +252,12 @@ def reply_to(session: ChatSession, query: str) -> None:
     Ctrl-C only raises a flag, checked between tokens: a KeyboardInterrupt raised inside a
     numba kernel's thread pool could leave the process unable to exit cleanly.
     """
-    print("ChatGLM: ", end="", flush=True)
     interrupted = threading.Event()
+    # Before the prompt is shown: a Ctrl-C as soon as "ChatGLM: " appears stops the reply too.
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
-    reply = session.stream(query)
-    shown = ""
+    reply, shown = session.stream(query), ""
     try:
+        print("ChatGLM: ", end="", flush=True)
         for partial in reply:
             shown = print_growing(shown, partial)
             if interrupted.is_set():

@@ -6,6 +6,7 @@ and checked one by one.
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -149,26 +150,30 @@ def test_chat_session_commands_and_eof(model_dir):
 
 
 def read_until(stream_fd, marker: bytes, timeout: float) -> bytes:
+    """A child's output up to `marker`; fails (never blocks) after `timeout` s or at its EOF."""
     seen, deadline = b"", time.monotonic() + timeout
     while marker not in seen:
-        assert time.monotonic() < deadline, f"no {marker!r} in {seen!r}"
-        seen += os.read(stream_fd, 4096)
+        ready, _, _ = select.select([stream_fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no {marker!r} within {timeout} s in {seen!r}"
+        chunk = os.read(stream_fd, 4096)
+        assert chunk, f"the process ended without {marker!r}: {seen!r}"
+        seen += chunk
     return seen
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
 def test_ctrl_c_interrupts_the_reply_not_the_session(model_dir):
+    # Seeded, so the reply is the same long one every run; Ctrl-C as soon as it starts, so it
+    # cannot end on its own first (with a sleep, a tiny model's reply sometimes did, and the
+    # Ctrl-C then landed at the next prompt).
+    command = [*CLI, "chat", "--model", str(model_dir), "--seed", "0", "--max-new-tokens", "9999"]
     process = subprocess.Popen(
-        [*CLI, "chat", "--model", str(model_dir), "--max-new-tokens", "100000"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         process.stdin.write(b"Tell me a long story\n")
         process.stdin.flush()
         read_until(process.stdout.fileno(), b"ChatGLM: ", timeout=60)
-        time.sleep(0.5)  # a few tokens into the reply
         process.send_signal(signal.SIGINT)
         read_until(process.stdout.fileno(), b"[interrupted]", timeout=60)
         out, err = process.communicate(b"/history\n/exit\n", timeout=60)
