@@ -281,7 +281,7 @@ def roofline(bandwidth: float, result: dict) -> float:
 
 
 def markdown(report: dict) -> str:
-    from glm_numpy.kernels.intdot import PREFETCH_AHEAD
+    from glm_numpy.kernels.intdot import HAS_AVX512_VNNI, PREFETCH_AHEAD
 
     bw = report["memory_bandwidth_bytes_s"]
     sgemm = report["numpy_sgemm_gflops"]
@@ -339,9 +339,14 @@ def markdown(report: dict) -> str:
         "(fp16 via `vcvtph2ps`, bf16 by a 16-bit shift), output rows split over 2 threads, "
         "two rows at a time where x is too long for L1 (the MLP's down projection);",
         "- decode, int8/int4: the activation row is rounded to int8 (one scale per 32 weight "
-        "bytes) and multiplied as integers with AVX2 `vpmaddubsw`/`vpmaddwd` "
-        "(glm_numpy/kernels/intdot.py), scales applied per group to 8-lane vectors, the "
-        f"weights prefetched {PREFETCH_AHEAD // 1024} KiB ahead in software;",
+        "bytes) and multiplied as integers (glm_numpy/kernels/intdot.py): "
+        + (
+            "AVX-512 VNNI `vpdpbusd`, two blocks of 32 bytes per step in 16 lanes"
+            if HAS_AVX512_VNNI
+            else "AVX2 `vpmaddubsw`/`vpmaddwd`, one block of 32 bytes per step in 8 lanes"
+        )
+        + ", the weight scales applied per group, the weights prefetched "
+        f"{PREFETCH_AHEAD // 1024} KiB ahead in software;",
         "- prefill: weights widened to float32 512 rows at a time, each block multiplied by "
         "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels "
         "(attention on one thread while the cache is short);",

@@ -6,10 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+from numba import njit
 
 from glm_numpy import ChatGLM2
 from glm_numpy.dtypes import from_float32, to_float32
-from glm_numpy.kernels import dispatch
+from glm_numpy.kernels import dispatch, intdot
 from glm_numpy.kernels.attention import (
     attention_context,
     fused_attention,
@@ -27,7 +28,8 @@ from glm_numpy.testing import write_tiny_checkpoint
 O, I = 72, 256  # small, but every group size below and the per-row case fit
 
 # Quantised weights with float16 scales and whole 32-byte blocks per group take the integer
-# kernels (AVX2), which round x to int8 too: they agree to about 1 % of the output's size.
+# kernels (AVX2 or AVX-512 VNNI), which round x to int8 too: they agree to about 1 % of the
+# output's size.
 EXACT, X_ROUNDED = 2e-5, 1.5e-2
 STORAGES = {
     "fp32": (lambda w: w, EXACT),
@@ -35,9 +37,11 @@ STORAGES = {
     "bf16": (lambda w: from_float32(w, "bfloat16"), EXACT),
     "int8 per-row": (lambda w: quantize(w, 8), X_ROUNDED),
     "int8 groups of 64": (lambda w: quantize(w, 8, group_size=64), X_ROUNDED),
+    "int8 groups of 32 (one block each)": (lambda w: quantize(w, 8, group_size=32), X_ROUNDED),
     "int8 groups of 16 (float kernel)": (lambda w: quantize(w, 8, group_size=16), EXACT),
     "int4 per-row": (lambda w: quantize(w, 4), X_ROUNDED),
     "int4 groups of 128": (lambda w: quantize(w, 4, group_size=128), X_ROUNDED),
+    "int4 groups of 64 (one block each)": (lambda w: quantize(w, 4, group_size=64), X_ROUNDED),
     "int4 groups of 32 (float kernel)": (lambda w: quantize(w, 4, group_size=32), EXACT),
     "int4 float32 scales (float kernel)": (lambda w: quantize(w, 4, scale_dtype="float32"), EXACT),
 }
@@ -117,6 +121,76 @@ def test_quantize_activations_rounds_each_block_to_127_steps():
     assert np.abs(x_q).max(axis=-1).tolist() == [127, 127]
     restored = x_q.reshape(2, 4, 32) * x_scale[..., None]  # [T, blocks, 32]
     assert np.all(np.abs(restored.reshape(2, 128) - x) <= np.repeat(x_scale, 32, axis=1) / 2)
+
+
+INTEGER_DOTS = [
+    pytest.param(
+        intdot.dot_int4_blocks_avx2,
+        intdot.dot_int8_blocks_avx2,
+        marks=pytest.mark.skipif(not intdot.HAS_AVX2, reason="the CPU has no AVX2"),
+        id="avx2",
+    ),
+    pytest.param(
+        intdot.dot_int4_blocks_avx512,
+        intdot.dot_int8_blocks_avx512,
+        marks=pytest.mark.skipif(not intdot.HAS_AVX512_VNNI, reason="no AVX-512 VNNI"),
+        id="avx512-vnni",
+    ),
+]
+
+
+def integer_dot_operands(n_groups: int, group_blocks: int, seed: int = 0):
+    """Random operands of the integer dot kernels: weight bytes and two int8 activation rows
+    [n*32], activation scales [n], weight scales as float16 bits [n_groups]."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * group_blocks
+    weight_bytes = rng.integers(0, 256, n * intdot.BLOCK_BYTES, dtype=np.uint8)
+    x_even, x_odd = rng.integers(-127, 128, (2, n * intdot.BLOCK_BYTES), dtype=np.int8)
+    x_scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    w_scale = rng.uniform(0.5, 2.0, n_groups).astype(np.float16)
+    return weight_bytes, x_even, x_odd, x_scale, w_scale
+
+
+def blockwise_dot(products: np.ndarray, x_scale, w_scale) -> float:
+    """Σ_g w_scale[g] Σ_(b in g) x_scale[b] Σ_k products[b, k], in float64."""
+    block_sums = products.reshape(len(x_scale), -1).sum(axis=1) * x_scale.astype(np.float64)
+    return float((block_sums.reshape(len(w_scale), -1).sum(axis=1) * w_scale).sum())
+
+
+@pytest.mark.parametrize("dot_int4, dot_int8", INTEGER_DOTS)
+@pytest.mark.parametrize("n_groups, group_blocks", [(1, 1), (1, 2), (1, 5), (3, 1), (3, 4), (2, 7)])
+def test_integer_dot_kernels_match_their_definition(dot_int4, dot_int8, n_groups, group_blocks):
+    """Every group length, odd ones too (the AVX-512 kernels take blocks two at a time)."""
+
+    @njit
+    def int4(packed, x_even, x_odd, x_scale, w_scale):
+        return dot_int4(
+            packed.ctypes.data,
+            x_even.ctypes.data,
+            x_odd.ctypes.data,
+            x_scale.ctypes.data,
+            w_scale.ctypes.data,
+            n_groups,
+            group_blocks,
+        )
+
+    @njit
+    def int8(q, x, x_scale, w_scale):
+        addresses = q.ctypes.data, x.ctypes.data, x_scale.ctypes.data, w_scale.ctypes.data
+        return dot_int8(*addresses, n_groups, group_blocks)
+
+    weight_bytes, x_even, x_odd, x_scale, w_scale = integer_dot_operands(n_groups, group_blocks)
+    unsigned = (weight_bytes ^ 0x88).astype(np.int64)  # both nibbles + 8, in 0..15
+    int4_products = (unsigned >> 4) * x_even + (unsigned & 15) * x_odd
+    expected_int4 = blockwise_dot(int4_products, x_scale, w_scale)
+    actual_int4 = int4(weight_bytes, x_even, x_odd, x_scale, w_scale.view(np.uint16))
+    assert actual_int4 == pytest.approx(expected_int4, rel=1e-5)
+
+    q = weight_bytes.view(np.int8)
+    q[::97] = -128  # the one value whose magnitude does not fit in int8
+    expected_int8 = blockwise_dot(q.astype(np.int64) * x_even, x_scale, w_scale)
+    actual_int8 = int8(q, x_even, x_scale, w_scale.view(np.uint16))
+    assert actual_int8 == pytest.approx(expected_int8, rel=1e-5)
 
 
 def test_prefill_block_start_offsets_rows():

@@ -4,7 +4,8 @@ NumPy layer it speeds up (glm_numpy/layers; tests/test_kernels.py).
 - bits:     16-bit float bits (uint16) -> float32 inside compiled code (numba has no float16);
 - matvec:   decode, y = x @ W.T for a few rows, streaming W once in its stored 16-bit or
             quantised form (the time per token is the time to read the weights from memory);
-- intdot:   AVX2 integer dot products for int8/int4 weights (LLVM written with llvmlite);
+- intdot:   AVX2 and AVX-512 VNNI integer dot products for int8/int4 weights (LLVM IR
+            written with llvmlite);
 - widen:    prefill, W widened to float32 a block of rows at a time for BLAS sgemm;
 - dispatch: ``project`` picks one of the above for ``glm_numpy.layers.linear``;
 - attention, norm: attention over the KV cache and RMSNorm, fused (ChatGLM2.forward uses them
