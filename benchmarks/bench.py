@@ -1,5 +1,6 @@
 """Benchmark glm_numpy on the full-size random ChatGLM2-6B, format by format, beside torch.
 
+    python -m pip install -e ".[bench]"
     python benchmarks/bench.py --checkpoints /work/ckpt
 
 expects under --checkpoints (see docs/performance.md for the commands that make them):
@@ -363,6 +364,7 @@ def markdown(report: dict) -> str:
         "",
         "Reproduce (about 35 GB of checkpoints, 30 minutes; never two models in memory at once):",
         "",
+        '    python -m pip install -e ".[bench]"',
         "    glm-numpy make-random-checkpoint /work/ckpt/6b-bin            # fp16 .bin shards",
         "    glm-numpy convert /work/ckpt/6b-bin /work/ckpt/6b-safetensors",
         "    glm-numpy convert /work/ckpt/6b-safetensors /work/ckpt/6b-bf16 --dtype bfloat16",
