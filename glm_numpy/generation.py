@@ -196,6 +196,7 @@ def generate_stream(
     rng: np.random.Generator | None = None,
     stats: GenerationStats | None = None,
     feed_final_token: bool = False,
+    hooks: dict | None = None,
 ) -> Iterator[int]:
     """Feed prompt_ids [T] (after whatever `cache` holds) and yield each new id as it is chosen.
 
@@ -203,6 +204,8 @@ def generate_stream(
     fed through the model unless feed_final_token is set; set it when the cache is kept for a
     conversation, so that it then holds every token of the round except </s> (spec §4.5).
     The repetition penalty looks at prompt_ids and the output, as the official code does.
+    hooks ({trace name or pattern: fn}, glm_numpy.hooks) apply to every forward pass, the prompt's
+    and each new token's.
     """
     config = config or GenerationConfig()
     rng = rng if rng is not None else np.random.default_rng(config.seed)
@@ -212,7 +215,7 @@ def generate_stream(
     seen = list(prompt_ids)
 
     started = time.perf_counter()
-    logits = model.forward(np.asarray(prompt_ids), cache, last_only=True)[-1]  # [V]
+    logits = model.forward(np.asarray(prompt_ids), cache, hooks=hooks, last_only=True)[-1]  # [V]
     token = next_token(logits, seen, config, rng)
     stats.prefill_tokens, stats.prefill_seconds = len(seen), time.perf_counter() - started
     for generated in range(1, budget + 1):
@@ -224,13 +227,13 @@ def generate_stream(
         if generated == budget:
             break
         started = time.perf_counter()
-        logits = model.forward(np.array([token]), cache, last_only=True)[-1]  # [V]
+        logits = model.forward(np.array([token]), cache, hooks=hooks, last_only=True)[-1]  # [V]
         token = next_token(logits, seen, config, rng)
         stats.decode_tokens += 1
         stats.decode_seconds += time.perf_counter() - started
     stats.stop_reason = "length"
     if feed_final_token:
-        model.forward(np.array([token]), cache, last_only=True)
+        model.forward(np.array([token]), cache, hooks=hooks, last_only=True)
 
 
 def generate(
@@ -238,9 +241,10 @@ def generate(
     prompt_ids: Sequence[int],
     config: GenerationConfig | None = None,
     rng: np.random.Generator | None = None,
+    hooks: dict | None = None,
 ) -> list[int]:
-    """prompt_ids -> the generated ids (without the final </s>)."""
-    return list(generate_stream(model, prompt_ids, config, rng=rng))
+    """prompt_ids -> the generated ids (without the final </s>); hooks as in generate_stream."""
+    return list(generate_stream(model, prompt_ids, config, rng=rng, hooks=hooks))
 
 
 def generate_batch(
@@ -248,12 +252,14 @@ def generate_batch(
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig | None = None,
     rng: np.random.Generator | None = None,
+    hooks: dict | None = None,
 ) -> list[list[int]]:
     """Several prompts at once, left-padded into one batch -> the generated ids of each.
 
     Each row has its own KV cache and its own length budget (its own prompt length counts, not
     the padding), and leaves the batch when it ends, so greedy output of a row equals generating
-    that row alone. Sampled rows draw from one generator, in row order.
+    that row alone. Sampled rows draw from one generator, in row order. Hooks (as in
+    generate_stream) are called once per row of each pass.
     """
     config = config or GenerationConfig()
     rng = rng if rng is not None else np.random.default_rng(config.seed)
@@ -263,7 +269,9 @@ def generate_batch(
     outputs: list[list[int]] = [[] for _ in prompts]
     seen = [list(p) for p in prompts]
     active = list(range(len(prompts)))
-    logits = model.forward_batch(batch.input_ids, batch.attention_mask, caches, last_only=True)
+    logits = model.forward_batch(
+        batch.input_ids, batch.attention_mask, caches, last_only=True, hooks=hooks
+    )
     while active:
         still_active = []
         for row, row_logits in zip(active, logits[:, -1]):  # row_logits [V]
@@ -278,7 +286,8 @@ def generate_batch(
         if active:
             new_ids = np.array([[outputs[row][-1]] for row in active])  # [B', 1]
             feeding = [caches[row] for row in active]
-            logits = model.forward_batch(new_ids, np.ones_like(new_ids), feeding, last_only=True)
+            ones = np.ones_like(new_ids)
+            logits = model.forward_batch(new_ids, ones, feeding, last_only=True, hooks=hooks)
     return outputs
 
 

@@ -1,4 +1,4 @@
-"""ChatGLM2: the layers composed into the forward pass (spec §3), with a KV cache and a trace.
+"""ChatGLM2: the layers composed into the forward pass (spec §3), with a KV cache and hooks.
 
     ids -> embedding -> L x block -> final RMSNorm -> output layer -> logits
 
@@ -7,6 +7,10 @@
 Activations are float32; weights stay in their stored form (16-bit, memory-mapped, or quantised)
 and are widened inside ``linear``. Rows of a batch run through the projections together (each
 weight is read once per step for all rows) and through attention one by one.
+
+Every intermediate passes a hook point (glm_numpy.hooks) on its way: a hook may watch or replace
+it, and the trace is a hook that keeps them all. A pass with no hooks runs the fused kernels
+(the same math, tested equal); a pass with hooks runs the readable layers, whose values it shows.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import numpy as np
 from glm_numpy import kernels
 from glm_numpy.cache import KVCache
 from glm_numpy.config import ChatGLM2Config
+from glm_numpy.hooks import Hook, apply_hooks, recorder, resolve_hooks
 from glm_numpy.kernels.attention import attention_context
 from glm_numpy.kernels.norm import fused_rms_norm
 from glm_numpy.layers import apply_rotary, embedding, linear, lm_head, rms_norm, rotary_table
 from glm_numpy.layers.attention import attend, attention_scores, masked_softmax
-from glm_numpy.layers.swiglu import swiglu_act
+from glm_numpy.layers.swiglu import silu
 from glm_numpy.quantize import QuantizedWeight
 
 Trace = dict[str, np.ndarray]
@@ -87,20 +92,27 @@ class ChatGLM2:
         input_ids: np.ndarray,
         cache: KVCache | None = None,
         trace: bool = False,
+        hooks: Mapping[str, Hook] | None = None,
         last_only: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, Trace]:
         """input_ids [T] int -> logits [T, V] float32 ([1, V] with last_only).
 
         With a cache, the new tokens are appended to it and their positions continue from it.
-        With trace=True, also returns {name: array} of every intermediate, in the order computed.
+        hooks {trace name or pattern: fn}: fn(array) sees that intermediate and may return a
+        replacement of the same shape (glm_numpy.hooks). With trace=True, also returns
+        {name: array} of every intermediate (after the hooks), in the order computed.
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"input_ids must be a non-empty 1-D array of ids, got {ids.shape}")
-        record: Trace | None = {} if trace else None
+        table = resolve_hooks(hooks or {}, self.config.num_layers)
+        record: Trace = {}
+        if trace:  # the trace is one more hook at every point, after the user's
+            for name, keep in recorder(record, self.config.num_layers).items():
+                table.setdefault(name, []).extend(keep)
         caches = [cache if cache is not None else self.new_cache()]
         is_token = np.ones((1, ids.size), dtype=bool)
-        logits = self._forward(ids[None, :], is_token, caches, record, last_only)
+        logits = self._forward(ids[None, :], is_token, caches, table, last_only)
         return (logits[0], record) if trace else logits[0]
 
     def forward_batch(
@@ -109,10 +121,12 @@ class ChatGLM2:
         attention_mask: np.ndarray,
         caches: list[KVCache],
         last_only: bool = False,
+        hooks: Mapping[str, Hook] | None = None,
     ) -> np.ndarray:
         """input_ids [B, T], attention_mask [B, T] (0 = left padding), one cache per row
         -> logits [B, T, V] ([B, 1, V] with last_only). Padding is stored in the caches but never
-        attended to, and does not advance positions (spec §5.4)."""
+        attended to, and does not advance positions (spec §5.4). Hooks as in forward, called
+        once per row."""
         ids = np.asarray(input_ids)
         is_token = np.asarray(attention_mask).astype(bool)
         if ids.ndim != 2 or ids.shape != is_token.shape or len(caches) != ids.shape[0]:
@@ -120,38 +134,30 @@ class ChatGLM2:
                 f"input_ids {ids.shape}, attention_mask {is_token.shape} and {len(caches)} "
                 "caches do not match: expected [B, T], [B, T] and B caches"
             )
-        return self._forward(ids, is_token, caches, None, last_only)
+        table = resolve_hooks(hooks or {}, self.config.num_layers)
+        return self._forward(ids, is_token, caches, table, last_only)
 
     def _forward(
         self,
         ids: np.ndarray,
         is_token: np.ndarray,
         caches: list[KVCache],
-        record: Trace | None,
+        hooks: dict[str, list[Hook]],
         last_only: bool,
     ) -> np.ndarray:
-        """ids [B, T], is_token [B, T] -> logits [B, T or 1, V]; trace (row 0) into record."""
+        """ids [B, T], is_token [B, T] -> logits [B, T or 1, V], through the resolved hooks."""
         c = self.config
         positions = np.stack([cache.positions_for(m) for cache, m in zip(caches, is_token)])
-        cos, sin = rotary_table(positions, c.rotary_dim, reference_fp16=self.reference_fp16_rotary)
-        slots = [cache.extend(m) for cache, m in zip(caches, is_token)]
-        allowed = [attention_allowed(cache, s) for cache, s in zip(caches, slots)]  # [T, S] each
-
-        def keep(name: str, array: np.ndarray) -> None:
-            record[name] = array[0]
-
-        keep = _skip if record is None else keep  # _skip: no trace, fast attention kernel
-
-        keep("positions", positions)
-        x = embedding(ids, self.word_embeddings)  # [B, T, D]
-        keep("embedding", x)
+        positions = apply_hooks(hooks, "positions", positions)  # [B, T]
+        rotary = rotary_table(positions, c.rotary_dim, reference_fp16=self.reference_fp16_rotary)
+        run = Pass.start(c, rotary, caches, is_token, hooks)
+        x = run.see("embedding", embedding(ids, self.word_embeddings))  # [B, T, D]
         for i, w in enumerate(self.layers):
-            x = transformer_block(c, i, w, x, (cos, sin), caches, slots, allowed, keep)
+            x = transformer_block(run, i, w, x)
         h = rms_norm(x, self.final_layernorm, c.layernorm_epsilon)  # [B, T, D]
-        keep("final_layernorm", h)
+        h = run.see("final_layernorm", h)
         logits = lm_head(h, self.output_layer, last_only=last_only)  # [B, T, V]
-        keep("logits", logits)
-        return logits
+        return run.see("logits", logits)
 
     # ------------------------------------------------------------------ chat (glm_numpy.generation)
     def chat(self, tokenizer, query: str, history=None, **sampling):
@@ -165,6 +171,34 @@ class ChatGLM2:
         from glm_numpy.generation import stream_chat
 
         return stream_chat(self, tokenizer, query, history, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """What every block of one forward pass shares, built once per call of forward."""
+
+    config: ChatGLM2Config
+    rotary: tuple[np.ndarray, np.ndarray]  # (cos, sin) [B, T, R/2]
+    caches: list[KVCache]  # one per row
+    slots: list[slice]  # per row: where the new tokens sit in its cache
+    allowed: list[np.ndarray]  # per row: [T, S] which keys each new query may attend to
+    hooks: dict[str, list[Hook]]  # hook point -> functions; empty: the fused fast path
+
+    @classmethod
+    def start(cls, config, rotary, caches, is_token, hooks) -> Pass:
+        """Reserve the new tokens' slots (is_token [B, T]) in each row's cache."""
+        slots = [cache.extend(m) for cache, m in zip(caches, is_token)]
+        allowed = [attention_allowed(cache, s) for cache, s in zip(caches, slots)]
+        return cls(config, rotary, caches, slots, allowed, hooks)
+
+    @property
+    def fused(self) -> bool:
+        """No hook looks: run the fused kernels (the same math as the layers, tested equal)."""
+        return not self.hooks
+
+    def see(self, name: str, array: np.ndarray) -> np.ndarray:
+        """array [B, ...] passes hook point `name`: -> it, or what the hooks replaced it with."""
+        return apply_hooks(self.hooks, name, array)
 
 
 def attention_allowed(cache: KVCache, slots: slice) -> np.ndarray:
@@ -219,79 +253,52 @@ def block(
     positions = np.arange(T) if positions is None else np.asarray(positions)
     rotary = rotary_table(positions[None], config.rotary_dim, reference_fp16=reference_fp16_rotary)
     cache = KVCache(1, config.num_kv_groups, config.head_dim)
-    slots = cache.extend(np.ones(T, dtype=bool))
-    allowed = [attention_allowed(cache, slots)]
-    out = transformer_block(config, 0, weights, x[None], rotary, [cache], [slots], allowed, _skip)
-    return out[0]
+    run = Pass.start(config, rotary, [cache], np.ones((1, T), dtype=bool), hooks={})
+    return transformer_block(run, 0, weights, x[None])[0]
 
 
-def _skip(name: str, array: np.ndarray) -> None:
-    """A trace recorder that keeps nothing."""
-
-
-def transformer_block(config, i, w: LayerWeights, x, rotary, caches, slots, allowed, keep):
-    """x [B, T, D] -> [B, T, D]: pre-norm attention and MLP, each with its residual.
-
-    i is the layer index (in the caches and the trace names); rotary = (cos, sin) [B, T, R/2];
-    caches/slots/allowed: per row, the KV cache, its new slots and the [T, S] attention mask;
-    keep(name, array) records intermediates for the trace.
-    """
-    c = config
+def transformer_block(run: Pass, i: int, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+    """x [B, T, D] -> [B, T, D]: layer i's pre-norm attention and MLP, each with its residual."""
+    eps = run.config.layernorm_epsilon
     name = f"layers.{i}"
-    norm = fused_rms_norm if keep is _skip else rms_norm  # no trace: the same math, fused
-    keep(f"{name}.input", x)
-    a = norm(x, w.input_layernorm, c.layernorm_epsilon)  # [B, T, D]
-    keep(f"{name}.input_layernorm", a)
-    attn = self_attention(config, i, w, a, rotary, caches, slots, allowed, keep)  # [B, T, D]
-    x1 = x + attn  # [B, T, D]
-    keep(f"{name}.residual_attention", x1)
-    m = norm(x1, w.post_attention_layernorm, c.layernorm_epsilon)  # [B, T, D]
-    keep(f"{name}.post_attention_layernorm", m)
-    u = linear(m, w.dense_h_to_4h)  # [B, T, 2F]
-    gate, up, act = swiglu_act(u)  # [B, T, F] each
-    keep(f"{name}.mlp_gate", gate)
-    keep(f"{name}.mlp_up", up)
-    keep(f"{name}.mlp_act", act)
-    mlp = linear(act, w.dense_4h_to_h)  # [B, T, D]
-    keep(f"{name}.mlp_output", mlp)
-    out = x1 + mlp  # [B, T, D]
-    keep(f"{name}.output", out)
-    return out
+    norm = fused_rms_norm if run.fused else rms_norm
+    x = run.see(f"{name}.input", x)
+    a = run.see(f"{name}.input_layernorm", norm(x, w.input_layernorm, eps))  # [B, T, D]
+    attn = self_attention(run, i, w, a)  # [B, T, D]
+    x1 = run.see(f"{name}.residual_attention", x + attn)  # [B, T, D]
+    m = run.see(f"{name}.post_attention_layernorm", norm(x1, w.post_attention_layernorm, eps))
+    gate, up = np.split(linear(m, w.dense_h_to_4h), 2, axis=-1)  # [B, T, F] each, gate first
+    gate = run.see(f"{name}.mlp_gate", gate)
+    up = run.see(f"{name}.mlp_up", up)
+    act = run.see(f"{name}.mlp_act", silu(gate) * up)  # [B, T, F]
+    mlp = run.see(f"{name}.mlp_output", linear(act, w.dense_4h_to_h))  # [B, T, D]
+    return run.see(f"{name}.output", x1 + mlp)  # [B, T, D]
 
 
-def self_attention(config, i, w: LayerWeights, a, rotary, caches, slots, allowed, keep):
+def self_attention(run: Pass, i: int, w: LayerWeights, a: np.ndarray) -> np.ndarray:
     """a [B, T, D] -> [B, T, D]: fused q|k|v projection, rotary, cache, GQA, dense."""
-    c = config
+    c = run.config
     H, G, Dh = c.num_attention_heads, c.num_kv_groups, c.head_dim
     B, T, _ = a.shape
     name = f"layers.{i}.attention"
     qkv = linear(a, w.query_key_value, w.query_key_value_bias)  # [B, T, (H+2G)*Dh]
-    q = qkv[..., : H * Dh].reshape(B, T, H, Dh)  # [B, T, H, Dh]
-    k = qkv[..., H * Dh : (H + G) * Dh].reshape(B, T, G, Dh)  # [B, T, G, Dh]
-    v = qkv[..., (H + G) * Dh :].reshape(B, T, G, Dh)  # [B, T, G, Dh]
-    keep(f"{name}.q", q)
-    keep(f"{name}.k", k)
-    keep(f"{name}.v", v)
-    cos, sin = rotary
-    q = apply_rotary(q, cos, sin)  # [B, T, H, Dh]
-    k = apply_rotary(k, cos, sin)  # [B, T, G, Dh]
-    keep(f"{name}.q_rotary", q)
-    keep(f"{name}.k_rotary", k)
+    q = run.see(f"{name}.q", qkv[..., : H * Dh].reshape(B, T, H, Dh))  # [B, T, H, Dh]
+    k = run.see(f"{name}.k", qkv[..., H * Dh : (H + G) * Dh].reshape(B, T, G, Dh))  # [B,T,G,Dh]
+    v = run.see(f"{name}.v", qkv[..., (H + G) * Dh :].reshape(B, T, G, Dh))  # [B, T, G, Dh]
+    cos, sin = run.rotary
+    q = run.see(f"{name}.q_rotary", apply_rotary(q, cos, sin))  # [B, T, H, Dh]
+    k = run.see(f"{name}.k_rotary", apply_rotary(k, cos, sin))  # [B, T, G, Dh]
     context = np.empty((B, T, H, Dh), dtype=np.float32)
-    for b, cache in enumerate(caches):
-        cache.store(i, slots[b], k[b], v[b])  # keys are cached after rotary
+    for b, cache in enumerate(run.caches):
+        cache.store(i, run.slots[b], k[b], v[b])  # keys are cached after rotary
         keys, values = cache.keys(i), cache.values(i)  # [S, G, Dh]
-        if keep is _skip and kernels.usable():  # no trace: the same math fused (tested equal)
-            context[b] = attention_context(q[b], keys, values, allowed[b])  # [T, H, Dh]
+        if run.fused and kernels.usable():
+            context[b] = attention_context(q[b], keys, values, run.allowed[b])  # [T, H, Dh]
             continue
-        scores = attention_scores(q[b], keys)  # [H, T, S]
-        probs = masked_softmax(scores, allowed[b])  # [H, T, S]
+        scores = run.see(f"{name}.scores", attention_scores(q[b], keys)[None])[0]  # [H, T, S]
+        probs = masked_softmax(scores, run.allowed[b])  # [H, T, S]
+        probs = run.see(f"{name}.probs", probs[None])[0]
         context[b] = attend(probs, values)  # [T, H, Dh]
-        if b == 0:
-            keep(f"{name}.scores", scores[None])
-            keep(f"{name}.probs", probs[None])
     context = context.reshape(B, T, H * Dh)  # heads side by side, head h at h*Dh
-    keep(f"{name}.context", context)
-    out = linear(context, w.dense)  # [B, T, D]
-    keep(f"{name}.output", out)
-    return out
+    context = run.see(f"{name}.context", context)
+    return run.see(f"{name}.output", linear(context, w.dense))  # [B, T, D]

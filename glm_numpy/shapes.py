@@ -150,9 +150,11 @@ def architecture_tables(config: ChatGLM2Config | None = None) -> str:
     lines += [
         f"| **total** | | | | **{total:,}** ({2 * total:,} bytes in 16 bits) |",
         "",
-        "### Activations (names as in `model.forward(ids, trace=True)`; float32)",
+        "### Activations: the trace and hook points (float32; int for positions)",
         "",
-        "T new tokens, S cached + new tokens (S = T without a cache); `{i}` is the layer.",
+        "Each is a key of `model.forward(ids, trace=True)`'s trace and a hook point of "
+        "`model.forward(ids, hooks={name: fn})`, in computation order. T new tokens, S cached "
+        "+ new tokens (S = T without a cache); `{i}` is the layer.",
         "",
         "| trace name | shape | ChatGLM2-6B |",
         "| --- | --- | --- |",
