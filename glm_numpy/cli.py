@@ -8,6 +8,8 @@
     glm-numpy quantize SRC DST --bits 8|4   an int8/int4 copy (per row, or --group-size N)
     glm-numpy perplexity FILE        sliding-window perplexity of a text file
     glm-numpy check FILE.py          grade a student's exercise file (glm_numpy.exercises)
+    glm-numpy diff --model A --model B PROMPT   where two models' runs first part, layer by layer
+    glm-numpy lens PROMPT            the logit lens: each layer's top next tokens
 
 Each subcommand is a pair registered in COMMANDS: ``add_<name>_parser(subparsers)`` declares
 its arguments and ``run_<name>(args) -> exit code`` does the work. Bad input of any kind is
@@ -454,6 +456,101 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+# ---------------------------------------------------------------------------- diff and lens
+SHAPE_FIELDS = (
+    "num_layers",
+    "padded_vocab_size",
+    "hidden_size",
+    "ffn_hidden_size",
+    "kv_channels",
+    "num_attention_heads",
+    "multi_query_group_num",
+)
+
+
+def add_diff_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "diff",
+        help="where two models' runs on a prompt first differ (e.g. fp16 vs int4), per layer",
+    )
+    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument(
+        "--model", action="append", metavar="DIR", help="twice: the reference A, then B"
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="FILE", help="tokenizer.model (default: the one beside A or B)"
+    )
+    parser.add_argument("--rtol", type=float, default=1e-3, help="(default: 1e-3)")
+    parser.add_argument("--atol", type=float, default=1e-5, help="(default: 1e-5)")
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from glm_numpy.interpret import first_divergence, format_layer_errors, layer_errors
+
+    if not args.model or len(args.model) != 2:
+        raise CliError("diff needs exactly two models: --model A --model B")
+    if not args.prompt.strip():
+        raise CliError("the prompt is empty")
+    directories = [model_directory(given, needs_tokenizer=False) for given in args.model]
+    configs = [ChatGLM2Config.from_json(d / "config.json") for d in directories]
+    for field in SHAPE_FIELDS:
+        a, b = (getattr(c, field) for c in configs)
+        if a != b:
+            raise CliError(
+                f"the models differ in {field} ({a} vs {b}): their runs cannot be compared"
+            )
+    tokenizer_file = args.tokenizer or next(
+        (str(d / "tokenizer.model") for d in directories if (d / "tokenizer.model").is_file()),
+        None,
+    )
+    if tokenizer_file is None:
+        raise CliError("neither model directory holds a tokenizer.model: give --tokenizer FILE")
+    tokenizer = ChatGLM2Tokenizer(tokenizer_file)
+    ids = tokenizer.encode(args.prompt)
+    check_prompt_fits(ids, configs[0])
+    traces = []
+    for directory in directories:
+        _, trace = ChatGLM2.from_pretrained(directory).forward(ids, trace=True)
+        traces.append(trace)
+    print(f"A: {directories[0]}\nB: {directories[1]}\nprompt: {len(ids)} tokens")
+    divergence = first_divergence(*traces, rtol=args.rtol, atol=args.atol)
+    if divergence is None:
+        print(f"no divergence beyond rtol={args.rtol:g}, atol={args.atol:g}")
+        print(format_layer_errors(layer_errors(*traces)))
+    else:
+        print(divergence)
+    return 0
+
+
+def add_lens_parser(subparsers) -> None:
+    parser = subparsers.add_parser("lens", help="the logit lens: each layer's top next tokens")
+    parser.add_argument("prompt", metavar="PROMPT")
+    add_model_argument(parser)
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="(default: 5)")
+    parser.add_argument(
+        "--position", type=int, default=-1, metavar="N", help="which token (default: the last)"
+    )
+
+
+def run_lens(args: argparse.Namespace) -> int:
+    from glm_numpy.interpret import logit_lens
+
+    if not args.prompt.strip():
+        raise CliError("the prompt is empty")
+    if args.top_k < 1:
+        raise CliError(f"--top-k {args.top_k}: must be >= 1")
+    directory = model_directory(args.model)
+    config = ChatGLM2Config.from_json(directory / "config.json")
+    tokenizer = open_tokenizer(directory, config)
+    ids = tokenizer.encode(args.prompt)
+    check_prompt_fits(ids, config)
+    if not -len(ids) <= args.position < len(ids):
+        raise CliError(f"--position {args.position}: the prompt has {len(ids)} tokens")
+    lens = logit_lens(ChatGLM2.from_pretrained(directory), tokenizer, args.prompt, args.top_k)
+    print(lens.format(args.position))
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 Command = tuple[Callable[[object], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
@@ -465,6 +562,8 @@ COMMANDS: dict[str, Command] = {
     "quantize": (add_quantize_parser, run_quantize),
     "perplexity": (add_perplexity_parser, run_perplexity),
     "check": (add_check_parser, run_check),
+    "diff": (add_diff_parser, run_diff),
+    "lens": (add_lens_parser, run_lens),
 }
 
 

@@ -4,8 +4,9 @@
 
 ``fn(array)`` sees one sequence's intermediate (shaped as in the trace, e.g. context [T, H·Dh])
 and returns either None (keep it) or a replacement of the same shape, which the rest of the pass
-then uses. A name may be a shell-style pattern (``layers.*.attention.context``); names are
-checked against the model's hook points, and an unknown one is an error listing near matches.
+then uses. A name may be a pattern: ``*`` stands for any text within one dotted part
+(``layers.*.attention.context``), ``**`` for any text (``layers.3.**``). Names are checked
+against the model's hook points, and an unknown one is an error listing near matches.
 
 The trace is itself a hook: ``trace=True`` adds, after the user's hooks, one at every point that
 keeps what it sees (so the trace holds the values the rest of the pass used). In a batch, a hook
@@ -16,8 +17,8 @@ docs/architecture.md gives each one's shape.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import functools
+import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -58,24 +59,34 @@ def hook_points(num_layers: int) -> tuple[str, ...]:
 def resolve_hooks(hooks: Mapping[str, Hook], num_layers: int) -> dict[str, list[Hook]]:
     """{name or pattern: fn} -> {hook point: [fn, ...]} (in the order given); raises a
     ValueError naming an unknown point (with near matches) or a pattern that matches none."""
-    points = hook_points(num_layers)
-    known = set(points)
     table: dict[str, list[Hook]] = {}
     for pattern, fn in hooks.items():
         if not callable(fn):
             raise TypeError(f"hook {pattern!r}: expected a function of one array, got {fn!r}")
-        matched = fnmatch.filter(points, pattern) if _is_pattern(pattern) else None
-        if matched is None and pattern in known:
-            matched = [pattern]
-        if not matched:
-            raise ValueError(unknown_point_message(pattern, points, num_layers))
-        for point in matched:
+        for point in matching_points(pattern, num_layers):
             table.setdefault(point, []).append(fn)
     return table
 
 
-def _is_pattern(name: str) -> bool:
-    return any(c in name for c in "*?[")
+def matching_points(pattern: str, num_layers: int) -> list[str]:
+    """The hook points a name or shell-style pattern names, in computation order; a ValueError
+    with near matches when it names none."""
+    points = hook_points(num_layers)
+    matches = pattern_regex(pattern).match
+    matched = [point for point in points if matches(point)]
+    if not matched:
+        raise ValueError(unknown_point_message(pattern, points, num_layers))
+    return matched
+
+
+@functools.lru_cache(maxsize=256)
+def pattern_regex(pattern: str) -> re.Pattern:
+    """A name pattern as a regular expression: * stands for any text within one dotted part
+    (layers.*.output is every layer's output, not layers.0.attention.output), ** for any text
+    at all (layers.3.** is everything in layer 3), ? for one character."""
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wildcards = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
+    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts) + r"\Z")
 
 
 def unknown_point_message(name: str, points: tuple[str, ...], num_layers: int) -> str:

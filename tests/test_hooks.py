@@ -9,7 +9,8 @@ from oracle import glm_oracle
 
 from glm_numpy import ChatGLM2
 from glm_numpy.generation import GenerationConfig, generate, generate_batch
-from glm_numpy.hooks import hook_points
+from glm_numpy.hooks import IN_EACH_LAYER, hook_points, matching_points
+from glm_numpy.interpret import ablate_heads
 from glm_numpy.testing import write_tiny_checkpoint
 
 
@@ -77,6 +78,20 @@ def test_wildcards_reach_every_layer(model):
     assert len(called) == model.config.num_layers
     c = model.config
     assert all(a.shape == (3, c.num_attention_heads * c.head_dim) for a in called)
+
+
+def test_a_star_stays_within_one_part_of_a_name_and_two_stars_do_not():
+    assert matching_points("layers.*.output", 3) == [
+        "layers.0.output",
+        "layers.1.output",
+        "layers.2.output",
+    ]
+    assert matching_points("layers.1.**", 3) == [f"layers.1.{p}" for p in IN_EACH_LAYER]
+    assert matching_points("layers.?.attention.*", 12)[:2] == [
+        "layers.0.attention.q",
+        "layers.0.attention.k",
+    ]
+    assert len(matching_points("**", 2)) == len(hook_points(2)) == 4 + 2 * len(IN_EACH_LAYER)
 
 
 @pytest.mark.parametrize(
@@ -171,13 +186,13 @@ def test_zeroing_heads_matches_the_oracle_with_o_proj_inputs_zeroed(model, layer
     Dh = model.config.head_dim
     ids = random_ids(model, 12, seed=3)
 
-    def zero_heads(context):  # numpy array or torch tensor [..., H·Dh]
-        context = context.clone() if isinstance(context, torch.Tensor) else context.copy()
+    def zero_heads(context):  # [..., H·Dh]
+        context = context.clone()
         for h in heads:
             context[..., h * Dh : (h + 1) * Dh] = 0
         return context
 
-    ours = model.forward(ids, hooks={f"layers.{layer}.attention.context": zero_heads})
+    ours = ablate_heads(model, ids, {layer: heads})  # a hook on layers.{layer}.attention.context
     oracle = glm_oracle(model.config, model.weights)
     o_proj = oracle.model.layers[layer].self_attn.o_proj
     handle = o_proj.register_forward_pre_hook(lambda module, args: (zero_heads(args[0]),))
