@@ -212,6 +212,10 @@ Shapes: `logits [V]`, `p` in (0, 1] → the set of kept token ids (a Python set 
 ]
 
 SETUP = "import numpy as np\n\nfrom glm_numpy.exercises import check"
+STILL_TALKS = """# Does your model still talk? The whole default model, your {name} inside it:
+from glm_numpy.exercises import run_with
+
+run_with({{"{name}": {name}}}, "床前明月光")"""
 
 
 def _cell(kind: str, source: str, cell_id: str, tags: list[str] | None = None) -> dict:
@@ -247,6 +251,7 @@ def notebook(number: int, name: str, text: str, signature: str, body: str, solve
         _cell("code", SETUP, f"{name}-setup"),
         _cell("code", function, f"{name}-function", ["solution" if solved else "todo"]),
         _cell("code", checking, f"{name}-check"),
+        _cell("code", STILL_TALKS.format(name=name), f"{name}-whole-model"),
     ]
     return {
         "cells": cells,
