@@ -160,7 +160,8 @@ def patch(
         for t in range(clean_ids.size):
             hook = replacing_position(clean[point], t, position_axis(point))
             effect[p, t] = logit_difference(model.forward(corrupt_ids, hooks={point: hook}))
-    corrupt = logit_difference(model.forward(corrupt_ids))
+    _, watching = keeping(points)  # hooks: the same (readable) path as the patched runs
+    corrupt = logit_difference(model.forward(corrupt_ids, hooks=watching))
     return Patching(points, effect, logit_difference(clean_logits), corrupt)
 
 
