@@ -215,7 +215,7 @@ def generate_stream(
     seen = list(prompt_ids)
 
     started = time.perf_counter()
-    logits = model.forward(np.asarray(prompt_ids), cache, hooks=hooks, last_only=True)[-1]  # [V]
+    logits = last_logits(model, np.asarray(prompt_ids), cache, hooks)  # [V]
     token = next_token(logits, seen, config, rng)
     stats.prefill_tokens, stats.prefill_seconds = len(seen), time.perf_counter() - started
     for generated in range(1, budget + 1):
@@ -227,13 +227,20 @@ def generate_stream(
         if generated == budget:
             break
         started = time.perf_counter()
-        logits = model.forward(np.array([token]), cache, hooks=hooks, last_only=True)[-1]  # [V]
+        logits = last_logits(model, np.array([token]), cache, hooks)  # [V]
         token = next_token(logits, seen, config, rng)
         stats.decode_tokens += 1
         stats.decode_seconds += time.perf_counter() - started
     stats.stop_reason = "length"
     if feed_final_token:
-        model.forward(np.array([token]), cache, hooks=hooks, last_only=True)
+        last_logits(model, np.array([token]), cache, hooks)
+
+
+def last_logits(model: ChatGLM2, ids: np.ndarray, cache: KVCache, hooks: dict | None):
+    """Feed ids [T] -> the last position's logits [V]. Hooks are passed only when there are
+    some, so any object with ``forward(ids, cache, last_only)`` can stand in for the model."""
+    with_hooks = {"hooks": hooks} if hooks else {}
+    return model.forward(ids, cache, last_only=True, **with_hooks)[-1]
 
 
 def generate(
@@ -269,8 +276,9 @@ def generate_batch(
     outputs: list[list[int]] = [[] for _ in prompts]
     seen = [list(p) for p in prompts]
     active = list(range(len(prompts)))
+    with_hooks = {"hooks": hooks} if hooks else {}  # as in last_logits
     logits = model.forward_batch(
-        batch.input_ids, batch.attention_mask, caches, last_only=True, hooks=hooks
+        batch.input_ids, batch.attention_mask, caches, last_only=True, **with_hooks
     )
     while active:
         still_active = []
@@ -287,7 +295,7 @@ def generate_batch(
             new_ids = np.array([[outputs[row][-1]] for row in active])  # [B', 1]
             feeding = [caches[row] for row in active]
             ones = np.ones_like(new_ids)
-            logits = model.forward_batch(new_ids, ones, feeding, last_only=True, hooks=hooks)
+            logits = model.forward_batch(new_ids, ones, feeding, last_only=True, **with_hooks)
     return outputs
 
 
