@@ -198,7 +198,7 @@ class Pass:
 
     def see(self, name: str, array: np.ndarray) -> np.ndarray:
         """array [B, ...] passes hook point `name`: -> it, or what the hooks replaced it with."""
-        return apply_hooks(self.hooks, name, array)
+        return apply_hooks(self.hooks, name, array) if self.hooks else array
 
 
 def attention_allowed(cache: KVCache, slots: slice) -> np.ndarray:
