@@ -59,6 +59,8 @@ def hook_points(num_layers: int) -> tuple[str, ...]:
 def resolve_hooks(hooks: Mapping[str, Hook], num_layers: int) -> dict[str, list[Hook]]:
     """{name or pattern: fn} -> {hook point: [fn, ...]} (in the order given); raises a
     ValueError naming an unknown point (with near matches) or a pattern that matches none."""
+    if not isinstance(hooks, Mapping):
+        raise TypeError(f"hooks must be a dict {{name or pattern: function}}, got {hooks!r}")
     table: dict[str, list[Hook]] = {}
     for pattern, fn in hooks.items():
         if not callable(fn):
@@ -69,8 +71,8 @@ def resolve_hooks(hooks: Mapping[str, Hook], num_layers: int) -> dict[str, list[
 
 
 def matching_points(pattern: str, num_layers: int) -> list[str]:
-    """The hook points a name or shell-style pattern names, in computation order; a ValueError
-    with near matches when it names none."""
+    """The hook points a name or pattern (pattern_regex) names, in computation order; a
+    ValueError with near matches when it names none."""
     points = hook_points(num_layers)
     matches = pattern_regex(pattern).match
     matched = [point for point in points if matches(point)]

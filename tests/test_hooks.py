@@ -109,6 +109,8 @@ def test_unknown_hook_names_are_errors_with_near_matches(model, name, match):
 
 
 def test_bad_hooks_get_clear_errors(model):
+    with pytest.raises(TypeError, match="hooks must be a dict"):
+        model.forward(random_ids(model, 2), hooks=[print])
     with pytest.raises(TypeError, match="'logits': expected a function"):
         model.forward(random_ids(model, 2), hooks={"logits": 3})
     with pytest.raises(ValueError, match=r"'embedding' returned shape \(2, 3\)"):
