@@ -62,12 +62,14 @@ class ChatGLM2:
         self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **options) -> ChatGLM2:
-        """Open a checkpoint directory (config.json + safetensors or torch .bin shards)."""
+    def from_pretrained(cls, directory: str | Path, family: str | None = None, **options):
+        """Open a checkpoint directory (config.json + safetensors or torch .bin shards).
+        family ("chatglm2", "chatglm3", "codegeex2") decides what a -32K model's rope_ratio
+        means when the directory does not show it (glm_numpy.family)."""
         from glm_numpy.checkpoint import load_checkpoint
         from glm_numpy.checkpoint.validate import validate_checkpoint
 
-        config = ChatGLM2Config.from_json(Path(directory) / "config.json")
+        config = ChatGLM2Config.from_json(Path(directory) / "config.json", family)
         checkpoint = load_checkpoint(directory)
         validate_checkpoint(checkpoint, config)
         return cls(config, checkpoint, **options)
@@ -133,7 +135,13 @@ class ChatGLM2:
         """ids [B, T], is_token [B, T] -> logits [B, T or 1, V]; trace (row 0) into record."""
         c = self.config
         positions = np.stack([cache.positions_for(m) for cache, m in zip(caches, is_token)])
-        cos, sin = rotary_table(positions, c.rotary_dim, reference_fp16=self.reference_fp16_rotary)
+        cos, sin = rotary_table(
+            positions,
+            c.rotary_dim,
+            c.rotary_base,
+            self.reference_fp16_rotary,
+            c.rotary_position_divisor,  # rope_ratio, as the family applies it (config)
+        )
         slots = [cache.extend(m) for cache, m in zip(caches, is_token)]
         allowed = [attention_allowed(cache, s) for cache, s in zip(caches, slots)]  # [T, S] each
 
@@ -217,7 +225,13 @@ def block(
     """
     T = x.shape[0]
     positions = np.arange(T) if positions is None else np.asarray(positions)
-    rotary = rotary_table(positions[None], config.rotary_dim, reference_fp16=reference_fp16_rotary)
+    rotary = rotary_table(
+        positions[None],
+        config.rotary_dim,
+        config.rotary_base,
+        reference_fp16_rotary,
+        config.rotary_position_divisor,
+    )
     cache = KVCache(1, config.num_kv_groups, config.head_dim)
     slots = cache.extend(np.ones(T, dtype=bool))
     allowed = [attention_allowed(cache, slots)]
