@@ -9,6 +9,9 @@
     glm-numpy perplexity FILE        sliding-window perplexity of a text file
     glm-numpy check FILE.py          grade a student's exercise file (glm_numpy.exercises)
 
+Model commands take --family chatglm2|chatglm3|codegeex2 when the directory does not show it
+(glm_numpy.family); chat takes ChatGLM3's --system and --tools, generate CodeGeeX2's --language.
+
 Each subcommand is a pair registered in COMMANDS: ``add_<name>_parser(subparsers)`` declares
 its arguments and ``run_<name>(args) -> exit code`` does the work. Bad input of any kind is
 reported as one line on stderr with exit code 2, never a traceback.
@@ -350,11 +353,13 @@ def reply_to(session: ChatSession, query: str, role: str = "user") -> dict | Non
                 reply.close()
                 print(" [interrupted]")
                 return None
-        if call is not None:
-            name, arguments = call["name"], call.get("parameters", call.get("content"))
-            print(f"[calls {name}] {json.dumps(arguments, ensure_ascii=False)}", end="")
+        if call is not None and "parameters" in call:
+            print(f"[calls {call['name']}] {json.dumps(call['parameters'], ensure_ascii=False)}")
+            return call
+        if call is not None:  # metadata but no tools offered: shown with its text
+            print(f"[{call['name']}] {call['content']}", end="")
         print()
-        return call if call is not None and "parameters" in call else None
+        return None
     except ValueError as err:  # no longer fits in max_length, or an unreadable tool call
         print()
         print(f"glm-numpy: {err}; /clear to start a new conversation", file=sys.stderr)
@@ -374,7 +379,8 @@ def show_history(history: list) -> None:
             label = labels.get(entry["role"], entry["role"]) + (
                 f" [{metadata}]" if metadata else ""
             )
-            print(f"{label}: {entry['content']}")
+            tools = f" (+ {len(entry['tools'])} tools)" if "tools" in entry else ""
+            print(f"{label}: {entry['content']}{tools}")
         else:
             round_number += 1
             print(f"[Round {round_number}]\nUser: {entry[0]}\nChatGLM: {entry[1]}")
