@@ -139,6 +139,24 @@ def test_process_response_text_and_segments():
     assert history == [{"role": "user", "content": "hi"}]  # the caller's list is left alone
 
 
+def test_the_tool_calling_example_of_chatglm3s_prompt_doc():
+    # THUDM/ChatGLM3 PROMPT_en.md: some text, then a second <|assistant|> segment with the call
+    reply = (
+        "\nOkay, let's look up the weather in Bejing today.<|assistant|>get_current_weather\n"
+        '```python\ntool_call(location="beijing", unit="celsius")\n```'
+    )
+    offered = [{"role": "system", "content": "…", "tools": [WEATHER_TOOL]}]
+    response, turn = process_response(reply, offered + [{"role": "user", "content": "Weather?"}])
+    assert response == {
+        "name": "get_current_weather",
+        "parameters": {"location": "beijing", "unit": "celsius"},
+    }
+    assert [(m["role"], m["metadata"]) for m in turn[2:]] == [
+        ("assistant", ""),
+        ("assistant", "get_current_weather"),
+    ]
+
+
 def test_tool_calls_are_parsed_never_evaluated():
     block = '```python\ntool_call(city="北京", days=3, detail={"wind": True}, tags=[1, 2.5])\n```'
     assert parse_tool_call(block) == {
