@@ -17,7 +17,7 @@ from glm_numpy.family import FamilyError
 from glm_numpy.layers import rotary_table
 from glm_numpy.testing import write_tiny_checkpoint
 
-T = 640  # tokens: far enough that positions/16 and base 10000x50 differ from plain rotary
+T = 2048  # tokens: long enough that positions/16 and base 10000x50 turn far from plain rotary
 MAX_RELATIVE_ERROR = 1e-5
 
 
@@ -45,7 +45,7 @@ def test_each_32k_variant_matches_the_oracle(tmp_path, name_or_path, ratio, scal
     assert relative_difference(model, oracle, ids) <= MAX_RELATIVE_ERROR
     # and the oracle is not blind to rope_ratio: plain rotary gives other logits
     plain = ChatGLM2Config.from_dict({**model.config.to_dict(), "rope_ratio": 1})
-    assert relative_difference(model, glm_oracle(plain, model.weights), ids) > 1e-3
+    assert relative_difference(model, glm_oracle(plain, model.weights), ids[:256]) > 1e-3
 
 
 def test_the_two_readings_are_the_functions_their_code_computes():
