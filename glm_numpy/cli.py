@@ -235,11 +235,13 @@ def prompt_ids(args: argparse.Namespace, directory: Path, tokenizer) -> list[int
     if args.language is not None:
         from glm_numpy.codegeex2 import code_prompt
 
+        if args.chat_template:
+            raise CliError("--language (a code prompt) and --chat-template exclude each other")
         family = args.family or detect_family(directory)
-        if family != "codegeex2" or args.chat_template:
+        if family != "codegeex2":
             raise CliError(
-                f"--language writes CodeGeeX2's code prompt, not a {family} chat template "
-                "(use --family codegeex2, without --chat-template)"
+                f"--language writes CodeGeeX2's code prompt; --model {directory} holds a "
+                f"{family} model (pass --family codegeex2 if it is CodeGeeX2)"
             )
         try:
             return tokenizer.encode(code_prompt(args.prompt, args.language))
