@@ -32,7 +32,7 @@ from glm_numpy.tokenizer import BOS_ID, EOS_ID, UNK_ID, ChatGLM2Tokenizer, Token
 
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)  # ids n+5 .. n+8, after ChatGLM2's five
-# The system prompt of ChatGLM3's tool demos (tools_using_demo), followed by the tools' JSON.
+# The system prompt that offers tools (ChatGLM3's PROMPT_en.md, openai_api_demo), then their JSON.
 TOOL_PROMPT = (
     "Answer the following questions as best as you can. You have access to the following tools:"
 )
@@ -64,6 +64,8 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         """<|role|> sp(metadata + "\\n") sp(content): one message, no [gMASK] sop."""
         if role not in self.role_ids:
             raise TokenizerError(f"role {role!r}: must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise TokenizerError(f"a {role} message must be text, got {type(content).__name__}")
         return (
             [self.role_ids[role]]
             + self.sp.EncodeAsIds(f"{metadata}\n")

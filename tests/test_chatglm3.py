@@ -126,6 +126,8 @@ def test_decoding_writes_role_tokens_as_text(tokenizer):
 def test_bad_history_is_named(tokenizer, history, message_text):
     with pytest.raises(TokenizerError, match=message_text):
         tokenizer.build_chat_input("hi", history)
+    with pytest.raises(TokenizerError, match="a user message must be text, got NoneType"):
+        tokenizer.build_chat_input(None)
 
 
 def test_process_response_text_and_segments():
