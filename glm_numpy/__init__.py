@@ -9,8 +9,10 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from glm_numpy.assets import default_model_path
 from glm_numpy.cache import KVCache
+from glm_numpy.chatglm3 import ChatGLM3Tokenizer
 from glm_numpy.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from glm_numpy.config import ChatGLM2Config, ConfigError
+from glm_numpy.family import load_tokenizer
 from glm_numpy.generation import ChatSession, GenerationConfig, chat, generate, stream_chat
 from glm_numpy.model import ChatGLM2
 from glm_numpy.tokenizer import ChatGLM2Tokenizer, TokenizerError, build_prompt
@@ -19,6 +21,7 @@ __all__ = [
     "ChatGLM2",
     "ChatGLM2Config",
     "ChatGLM2Tokenizer",
+    "ChatGLM3Tokenizer",
     "ChatSession",
     "CheckpointError",
     "ConfigError",
@@ -31,5 +34,6 @@ __all__ = [
     "default_model_path",
     "generate",
     "load_checkpoint",
+    "load_tokenizer",
     "stream_chat",
 ]

@@ -11,6 +11,9 @@
     glm-numpy diff --model A --model B PROMPT   where two models' runs first part, layer by layer
     glm-numpy lens PROMPT            the logit lens: each layer's top next tokens
 
+Model commands take --family chatglm2|chatglm3|codegeex2 when the directory does not show it
+(glm_numpy.family); chat takes ChatGLM3's --system and --tools, generate CodeGeeX2's --language.
+
 Each subcommand is a pair registered in COMMANDS: ``add_<name>_parser(subparsers)`` declares
 its arguments and ``run_<name>(args) -> exit code`` does the work. Bad input of any kind is
 reported as one line on stderr with exit code 2, never a traceback.
@@ -19,14 +22,17 @@ reported as one line on stderr with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from glm_numpy import chatglm3
 from glm_numpy.checkpoint import CheckpointError
 from glm_numpy.config import ChatGLM2Config, ConfigError
+from glm_numpy.family import FAMILIES, detect_family, load_tokenizer
 from glm_numpy.generation import (
     ChatSession,
     GenerationConfig,
@@ -59,6 +65,11 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="model directory: config.json, checkpoint shards, tokenizer.model "
         "(default: the embedded default model)",
+    )
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help="the model's family, when its directory does not show it (docs/family.md)",
     )
 
 
@@ -145,8 +156,11 @@ def model_directory(given: str | None, needs_tokenizer: bool = True) -> Path:
     return directory
 
 
-def open_tokenizer(directory: Path, config: ChatGLM2Config) -> ChatGLM2Tokenizer:
-    tokenizer = ChatGLM2Tokenizer.from_pretrained(directory)
+def open_tokenizer(
+    directory: Path, config: ChatGLM2Config, family: str | None = None
+) -> ChatGLM2Tokenizer:
+    """The directory's tokenizer, with its family's behaviour (glm_numpy.family)."""
+    tokenizer = load_tokenizer(directory, family)
     if tokenizer.vocab_size > config.padded_vocab_size:
         raise CliError(
             f"--model {directory}: tokenizer.model has {tokenizer.vocab_size} ids but the model "
@@ -176,7 +190,13 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument(
         "--chat-template",
         action="store_true",
-        help="wrap PROMPT in the chat template ([Round 1] 问：PROMPT 答：) and tidy the reply",
+        help="wrap PROMPT in the chat template ([Round 1] 问：PROMPT 答： for ChatGLM2, "
+        "<|user|> PROMPT <|assistant|> for ChatGLM3) and tidy the reply",
+    )
+    parser.add_argument(
+        "--language",
+        metavar="LANG",
+        help="CodeGeeX2: complete PROMPT as code in LANG (e.g. Python: '# language: Python')",
     )
     add_model_argument(parser)
     add_sampling_arguments(parser, max_new_tokens=256)
@@ -186,19 +206,22 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CliError("the prompt is empty")
     directory = model_directory(args.model)
-    config = ChatGLM2Config.from_json(directory / "config.json")
+    config = ChatGLM2Config.from_json(directory / "config.json", args.family)
     options = sampling_options(args, config)
-    tokenizer = open_tokenizer(directory, config)
-    text = build_prompt(args.prompt) if args.chat_template else args.prompt
-    ids = tokenizer.encode(text)
+    tokenizer = open_tokenizer(directory, config, args.family)
+    ids = prompt_ids(args, directory, tokenizer)
     check_prompt_fits(ids, config)
-    model = ChatGLM2.from_pretrained(directory)
+    model = ChatGLM2.from_pretrained(directory, args.family)
 
-    generation = GenerationConfig(**options, vocab_limit=tokenizer.vocab_size)
+    generation = GenerationConfig(
+        **options, vocab_limit=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids
+    )
     stats = GenerationStats()
     shown = ""
     for partial in decode_stream(tokenizer, generate_stream(model, ids, generation, stats=stats)):
-        shown = print_growing(shown, process_response(partial) if args.chat_template else partial)
+        shown = print_growing(
+            shown, tidy_reply(tokenizer, partial) if args.chat_template else partial
+        )
     print(flush=True)
     print(
         f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_seconds:.3f} s "
@@ -209,6 +232,38 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def prompt_ids(args: argparse.Namespace, directory: Path, tokenizer) -> list[int]:
+    """The ids `generate` feeds: the prompt as it is, in the chat template, or as CodeGeeX2 code."""
+    if args.language is not None:
+        from glm_numpy.codegeex2 import code_prompt
+
+        if args.chat_template:
+            raise CliError("--language (a code prompt) and --chat-template exclude each other")
+        family = args.family or detect_family(directory)
+        if family != "codegeex2":
+            raise CliError(
+                f"--language writes CodeGeeX2's code prompt; --model {directory} holds a "
+                f"{family} model (pass --family codegeex2 if it is CodeGeeX2)"
+            )
+        try:
+            return tokenizer.encode(code_prompt(args.prompt, args.language))
+        except ValueError as err:
+            raise CliError(str(err)) from None
+    if not args.chat_template:
+        return tokenizer.encode(args.prompt)
+    if isinstance(tokenizer, chatglm3.ChatGLM3Tokenizer):
+        return tokenizer.build_chat_input(args.prompt)
+    return tokenizer.encode(build_prompt(args.prompt))
+
+
+def tidy_reply(tokenizer, text: str) -> str:
+    """A chat reply as the family's chat() shows it (a ChatGLM3 tool call as JSON)."""
+    if not isinstance(tokenizer, chatglm3.ChatGLM3Tokenizer):
+        return process_response(text)
+    response, _ = chatglm3.process_response(text, [])
+    return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
+
+
 # ---------------------------------------------------------------------------- chat
 CHAT_HELP = "Commands: /clear forgets the conversation, /history shows it, /exit (or Ctrl-D) quits."
 
@@ -216,15 +271,28 @@ CHAT_HELP = "Commands: /clear forgets the conversation, /history shows it, /exit
 def add_chat_parser(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="an interactive conversation, streaming")
     add_model_argument(parser)
+    parser.add_argument("--system", metavar="TEXT", help="ChatGLM3: the system prompt")
+    parser.add_argument(
+        "--tools",
+        metavar="FILE.json",
+        help="ChatGLM3: a JSON list of tool descriptions the model may call; you type each "
+        "call's result",
+    )
     add_sampling_arguments(parser, max_new_tokens=None)  # as the official chat: max_length only
 
 
 def run_chat(args: argparse.Namespace) -> int:
     directory = model_directory(args.model)
-    config = ChatGLM2Config.from_json(directory / "config.json")
+    config = ChatGLM2Config.from_json(directory / "config.json", args.family)
     options = sampling_options(args, config)
-    tokenizer = open_tokenizer(directory, config)
-    session = ChatSession(ChatGLM2.from_pretrained(directory), tokenizer, **options)
+    tokenizer = open_tokenizer(directory, config, args.family)
+    tools = read_tools(args.tools)
+    if (args.system is not None or tools is not None) and not isinstance(
+        tokenizer, chatglm3.ChatGLM3Tokenizer
+    ):
+        raise CliError("--system and --tools need a ChatGLM3 model (--family chatglm3)")
+    model = ChatGLM2.from_pretrained(directory, args.family)
+    session = ChatSession(model, tokenizer, system=args.system, tools=tools, **options)
     print(f"glm-numpy chat with {directory}. {CHAT_HELP} Ctrl-C stops a reply.")
     while True:
         try:
@@ -245,40 +313,81 @@ def run_chat(args: argparse.Namespace) -> int:
         elif query.startswith("/"):
             print(f"unknown command {query}. {CHAT_HELP}")
         elif query:
-            reply_to(session, query)
+            call = reply_to(session, query)
+            while call is not None:  # ChatGLM3 called a tool: the user answers for it
+                try:
+                    result = input("Observation (the tool's result): ").strip()
+                except EOFError:
+                    print()
+                    return 0
+                call = reply_to(session, result, role="observation")
 
 
-def reply_to(session: ChatSession, query: str) -> None:
+def read_tools(path: str | None) -> list | None:
+    if path is None:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CliError(f"--tools {path}: cannot read a JSON file ({err})") from None
+    if not isinstance(tools, list):
+        raise CliError(f"--tools {path}: expected a JSON list of tool descriptions")
+    return tools
+
+
+def reply_to(session: ChatSession, query: str, role: str = "user") -> dict | None:
     """Stream one reply; Ctrl-C stops the reply (it stays in the history as far as it got).
 
     Ctrl-C only raises a flag, checked between tokens: a KeyboardInterrupt raised inside a
     numba kernel's thread pool could leave the process unable to exit cleanly.
+    Returns ChatGLM3's tool call {"name", "parameters"} when the reply is one, else None.
     """
     interrupted = threading.Event()
     # Before the prompt is shown: a Ctrl-C as soon as "ChatGLM: " appears stops the reply too.
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
-    reply, shown = session.stream(query), ""
+    reply, shown, call = session.stream(query, role), "", None
     try:
         print("ChatGLM: ", end="", flush=True)
         for partial in reply:
-            shown = print_growing(shown, partial)
+            if isinstance(partial, str):
+                shown = print_growing(shown, partial)
+            else:  # ChatGLM3 named a tool: shown once whole
+                call = partial
             if interrupted.is_set():
                 reply.close()
                 print(" [interrupted]")
-                return
+                return None
+        if call is not None and "parameters" in call:
+            print(f"[calls {call['name']}] {json.dumps(call['parameters'], ensure_ascii=False)}")
+            return call
+        if call is not None:  # metadata but no tools offered: shown with its text
+            print(f"[{call['name']}] {call['content']}", end="")
         print()
-    except ValueError as err:  # the conversation no longer fits in max_length
+        return None
+    except ValueError as err:  # no longer fits in max_length, or an unreadable tool call
         print()
         print(f"glm-numpy: {err}; /clear to start a new conversation", file=sys.stderr)
+        return None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
 
-def show_history(history: list[tuple[str, str]]) -> None:
+def show_history(history: list) -> None:
     if not history:
         print("(no history)")
-    for i, (query, response) in enumerate(history, start=1):
-        print(f"[Round {i}]\nUser: {query}\nChatGLM: {response}")
+    labels = {"system": "System", "user": "User", "assistant": "ChatGLM", "observation": "Tool"}
+    round_number = 0
+    for entry in history:
+        if isinstance(entry, dict):  # a ChatGLM3 message
+            metadata = entry.get("metadata", "").strip()
+            label = labels.get(entry["role"], entry["role"]) + (
+                f" [{metadata}]" if metadata else ""
+            )
+            tools = f" (+ {len(entry['tools'])} tools)" if "tools" in entry else ""
+            print(f"{label}: {entry['content']}{tools}")
+        else:
+            round_number += 1
+            print(f"[Round {round_number}]\nUser: {entry[0]}\nChatGLM: {entry[1]}")
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -292,7 +401,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from glm_numpy.dtypes import dtype_name
 
     directory = model_directory(args.model, needs_tokenizer=False)
-    config = ChatGLM2Config.from_json(directory / "config.json")
+    config = ChatGLM2Config.from_json(directory / "config.json", args.family)
     checkpoint = load_checkpoint(directory)
     print(f"{directory / 'config.json'}")
     for key, value in config.to_dict().items():
@@ -400,7 +509,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from glm_numpy.perplexity import perplexity
 
     directory = model_directory(args.model)
-    config = ChatGLM2Config.from_json(directory / "config.json")
+    config = ChatGLM2Config.from_json(directory / "config.json", args.family)
     if not 1 <= args.stride <= args.window <= config.seq_length:
         raise CliError(
             f"need 1 <= --stride ({args.stride}) <= --window ({args.window}) <= the model's "
@@ -410,10 +519,11 @@ def run_perplexity(args: argparse.Namespace) -> int:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise CliError(f"{args.file}: cannot read as UTF-8 text ({err})") from None
-    ids = open_tokenizer(directory, config).encode(text)
+    ids = open_tokenizer(directory, config, args.family).encode(text)
     if len(ids) < 2:
         raise CliError(f"{args.file}: too short to score (fewer than 2 tokens)")
-    result = perplexity(ChatGLM2.from_pretrained(directory), ids, args.window, args.stride)
+    model = ChatGLM2.from_pretrained(directory, args.family)
+    result = perplexity(model, ids, args.window, args.stride)
     print(
         f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats) over "
         f"{result.scored_tokens} tokens of {args.file}; window {result.window}, "

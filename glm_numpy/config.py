@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A config.json that is unreadable, incomplete or asks for something unsupported."""
 
 
+NOT_JSON_KEYS = {"extra", "rope_ratio_scales"}  # dataclass fields that are not config.json keys
+
+
 @dataclasses.dataclass
 class ChatGLM2Config:
     # sizes (defaults = ChatGLM2-6B, spec §1.2 / §1.1)
@@ -51,6 +54,8 @@ class ChatGLM2Config:
     bias_dropout_fusion: bool = True
     # quantisation and prompt tuning
     quantization_bit: int = 0
+    # long context (the -32K models): what it means depends on the family (docs/family.md)
+    rope_ratio: float | None = None  # absent = 1
     pre_seq_len: int | None = None
     prefix_projection: bool = False
     # generation-related ids and bookkeeping
@@ -65,6 +70,10 @@ class ChatGLM2Config:
     transformers_version: str | None = None
     # keys this class does not know, kept verbatim
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Not a config.json key: how this directory's modeling code applies rope_ratio, "positions"
+    # (ChatGLM2-6B-32K divides the positions by it) or "base" (ChatGLM3 multiplies the rotary
+    # base by it). from_json finds it from the directory when rope_ratio is not 1.
+    rope_ratio_scales: str | None = None
 
     # --- derived sizes, named with the shape legend (H, G, Dh, R, D, F, V, L) ---
     @property
@@ -85,23 +94,55 @@ class ChatGLM2Config:
         return self.kv_channels // 2
 
     @property
+    def rotary_base(self) -> float:
+        """The base of the rotary frequencies: 10000, times rope_ratio for ChatGLM3."""
+        return 10000.0 * self._rope_ratio_if("base")
+
+    @property
+    def rotary_position_divisor(self) -> float:
+        """What positions are divided by before rotary: rope_ratio for ChatGLM2-6B-32K, else 1."""
+        return float(self._rope_ratio_if("positions"))
+
+    def _rope_ratio_if(self, scales: str) -> float:
+        ratio = 1 if self.rope_ratio is None else self.rope_ratio
+        if ratio != 1 and self.rope_ratio_scales not in ("positions", "base"):
+            raise ConfigError(
+                f"rope_ratio={ratio!r}: its meaning depends on the model family (ChatGLM2-6B-32K "
+                "divides the positions by it, ChatGLM3-6B-32K multiplies the rotary base); open "
+                "the model with its family (--family, or family= in Python)"
+            )
+        return ratio if self.rope_ratio_scales == scales else 1
+
+    @property
     def qkv_size(self) -> int:
         """Rows of query_key_value: H*Dh query channels, then G*Dh for K and for V."""
         return (self.num_attention_heads + 2 * self.num_kv_groups) * self.kv_channels
 
     # --- reading and writing ---
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ChatGLM2Config:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    def from_dict(
+        cls, values: dict[str, Any], source: str = "config", rope_ratio_scales: str | None = None
+    ) -> ChatGLM2Config:
+        known = {f.name for f in dataclasses.fields(cls)} - NOT_JSON_KEYS
+        if rope_ratio_scales is None and values.get("rope_ratio", 1) != 1:
+            from glm_numpy.family import ROPE_RATIO_SCALES, family_named
+
+            name = values.get("_name_or_path")  # official configs name their model
+            family = family_named(name) if isinstance(name, str) else None
+            rope_ratio_scales = ROPE_RATIO_SCALES.get(family)
         config = cls(
             **{k: v for k, v in values.items() if k in known},
             extra={k: v for k, v in values.items() if k not in known},
+            rope_ratio_scales=rope_ratio_scales,
         )
         config.validate(source)
         return config
 
     @classmethod
-    def from_json(cls, path: str | Path) -> ChatGLM2Config:
+    def from_json(cls, path: str | Path, family: str | None = None) -> ChatGLM2Config:
+        """Read config.json (or a directory's). A rope_ratio other than 1 is read the way the
+        model family's code reads it: `family` ("chatglm2", "chatglm3", "codegeex2") when given,
+        else what the directory shows (glm_numpy.family.rope_ratio_scales)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -117,10 +158,16 @@ class ChatGLM2Config:
             raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
-        return cls.from_dict(values, source=str(path))
+        scales, ratio = None, values.get("rope_ratio", 1)
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio != 1:
+            from glm_numpy.family import rope_ratio_scales
+
+            scales = rope_ratio_scales(path.parent, values, family)
+        return cls.from_dict(values, source=str(path), rope_ratio_scales=scales)
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.pop("rope_ratio_scales")
         extra = values.pop("extra")
         return {**{k: v for k, v in values.items() if v is not None}, **extra}
 
@@ -175,8 +222,11 @@ class ChatGLM2Config:
             fail("pre_seq_len", "unsupported: P-tuning v2 prefixes are not implemented")
         if self.quantization_bit not in (0, 4, 8):
             fail("quantization_bit", "must be 0 (none), 4 or 8")
-        if "rope_ratio" in self.extra:
-            raise ConfigError(
-                f"{source}: rope_ratio={self.extra['rope_ratio']!r}: unsupported "
-                "(chatglm2-6b-32k's position interpolation is not implemented)"
-            )
+        ratio = self.rope_ratio
+        if ratio is not None:
+            if (
+                isinstance(ratio, bool)
+                or not isinstance(ratio, (int, float))
+                or not (math.isfinite(ratio) and ratio > 0)
+            ):
+                fail("rope_ratio", "must be a positive finite number")

@@ -22,7 +22,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from glm_numpy import chatglm3
 from glm_numpy.cache import KVCache
+from glm_numpy.chatglm3 import ChatGLM3Tokenizer
 from glm_numpy.model import ChatGLM2
 from glm_numpy.tokenizer import EOS_ID, ChatGLM2Tokenizer, History, continuation_prompt, left_pad
 
@@ -51,6 +53,7 @@ class GenerationConfig:
     max_new_tokens: int | None = None
     seed: int | None = None
     vocab_limit: int | None = None
+    stop_ids: tuple[int, ...] = (EOS_ID,)  # chat sets the tokenizer's (ChatGLM3: + role tokens)
 
     def __post_init__(self):
         def fail(name: str, why: str) -> None:
@@ -200,9 +203,10 @@ def generate_stream(
 ) -> Iterator[int]:
     """Feed prompt_ids [T] (after whatever `cache` holds) and yield each new id as it is chosen.
 
-    Stops at </s> (never yielded, never fed) or at the length limit. The last yielded id is not
-    fed through the model unless feed_final_token is set; set it when the cache is kept for a
-    conversation, so that it then holds every token of the round except </s> (spec §4.5).
+    Stops at </s> (config.stop_ids; never yielded, never fed) or at the length limit. The last
+    yielded id is not fed through the model unless feed_final_token is set; set it when the cache
+    is kept for a conversation, so that it then holds every token of the round except </s>
+    (spec §4.5).
     The repetition penalty looks at prompt_ids and the output, as the official code does.
     hooks ({trace name or pattern: fn}, glm_numpy.hooks) apply to every forward pass, the prompt's
     and each new token's.
@@ -219,7 +223,7 @@ def generate_stream(
     token = next_token(logits, seen, config, rng)
     stats.prefill_tokens, stats.prefill_seconds = len(seen), time.perf_counter() - started
     for generated in range(1, budget + 1):
-        if token == EOS_ID:
+        if token in config.stop_ids:
             stats.stop_reason = "eos"
             return
         seen.append(token)
@@ -284,7 +288,7 @@ def generate_batch(
         still_active = []
         for row, row_logits in zip(active, logits[:, -1]):  # row_logits [V]
             token = next_token(row_logits, seen[row], config, rng)
-            if token == EOS_ID:
+            if token in config.stop_ids:
                 continue
             outputs[row].append(token)
             seen[row].append(token)
@@ -332,7 +336,8 @@ def chat_input_ids(
 
 def chat_config(tokenizer: ChatGLM2Tokenizer, options: dict) -> GenerationConfig:
     """Keyword sampling options (GenerationConfig fields) -> the config chat uses."""
-    return GenerationConfig(**{"vocab_limit": tokenizer.vocab_size, **options})
+    defaults = {"vocab_limit": tokenizer.vocab_size, "stop_ids": tuple(tokenizer.stop_ids)}
+    return GenerationConfig(**{**defaults, **options})
 
 
 def stream_chat(
@@ -343,24 +348,39 @@ def stream_chat(
     past_key_values: KVCache | None = None,
     return_past_key_values: bool = False,
     rng: np.random.Generator | None = None,
+    role: str = "user",
     **options,
 ) -> Iterator[tuple]:
     """Yield (response, history + [(query, response)]) after each new token, as the official
     ``stream_chat``: the response so far is decoded and post-processed, and a response ending
     in an incomplete character (U+FFFD) is not yielded.
 
+    With a ChatGLM3Tokenizer, ChatGLM3's format instead (glm_numpy.chatglm3): history is a list
+    of messages {"role", "content", "metadata"?, "tools"?}, the query is sent as a `role`
+    message ("user", or "observation" for a tool's result), and the response is text or, for a
+    tool call, {"name", "parameters"}. A reply is yielded once its first line has ended (that
+    line names the tool of a tool call: the official code shows it as text until then), and a
+    tool call once its arguments can be read.
+
     Cross-round cache reuse (spec §4.5): pass the KV cache of the earlier rounds as
     past_key_values (with the history it holds) and only the new round is encoded and fed. The
     cache is extended in place; with return_past_key_values=True it is yielded as a third item
     (a new cache when none was given). At the end of the round it holds every token of the
-    conversation except </s>, ready for the next round (the official code also leaves out the
-    last token of a round cut by the length limit; here it is fed, so cache and history agree).
-    A round abandoned halfway (the stream closed, Ctrl-C) leaves the cache unusable: start the
-    next round without it (the prompt is then re-encoded from the history).
+    conversation except the stop id, ready for the next round (the official code also leaves out
+    the last token of a round cut by the length limit; here it is fed, so cache and history
+    agree). A round abandoned halfway (the stream closed, Ctrl-C) leaves the cache unusable:
+    start the next round without it (the prompt is then re-encoded from the history).
 
     options: GenerationConfig fields (temperature, top_p, top_k, repetition_penalty, do_sample,
     max_length, max_new_tokens, seed); defaults as the official chat().
     """
+    if isinstance(tokenizer, ChatGLM3Tokenizer):
+        yield from stream_chat3(
+            model, tokenizer, query, history, past_key_values, return_past_key_values, rng, role,
+            options,
+        )  # fmt: skip
+        return
+    check_no_roles(role)
     history = list(history or [])
     config = chat_config(tokenizer, options)
     cache = past_key_values if past_key_values is not None else model.new_cache()
@@ -373,18 +393,63 @@ def stream_chat(
         yield (response, turn, cache) if return_past_key_values else (response, turn)
 
 
+def stream_chat3(
+    model, tokenizer, query, history, past_key_values, return_past_key_values, rng, role, options
+) -> Iterator[tuple]:
+    """stream_chat in ChatGLM3's format (see stream_chat). With a cache holding the earlier
+    rounds only the new message and <|assistant|> are fed: the turn the model ended with a stop
+    id continues straight into the next role token. (The official code feeds [gMASK] sop again
+    before it, in the middle of the conversation; here cache and re-encoded history agree.)"""
+    history = list(history or [])
+    config = chat_config(tokenizer, options)
+    cache = past_key_values if past_key_values is not None else model.new_cache()
+    if cache.length == 0:
+        prompt_ids = tokenizer.build_chat_input(query, history, role)
+    else:
+        prompt_ids = tokenizer.continuation_ids(query, role)
+    asked = history + [{"role": role, "content": query}]
+    kept = past_key_values is not None or return_past_key_values
+    tokens = generate_stream(model, prompt_ids, config, cache, rng, feed_final_token=kept)
+    unshown = None  # the reply so far, when it could not be shown yet
+    for text in decode_stream(tokenizer, tokens):
+        unshown = text
+        if "\n" not in text.rsplit("<|assistant|>", 1)[-1]:
+            continue  # the segment's first line may still turn out to be a tool's name
+        try:
+            response, turn = chatglm3.process_response(text, asked)
+        except chatglm3.ToolCallError:
+            continue  # a tool call whose arguments are still coming
+        unshown = None
+        yield (response, turn, cache) if return_past_key_values else (response, turn)
+    if unshown is not None:  # the end: shown as it is (a tool call that cannot be read raises)
+        response, turn = chatglm3.process_response(unshown, asked)
+        yield (response, turn, cache) if return_past_key_values else (response, turn)
+
+
+def check_no_roles(role: str) -> None:
+    if role != "user":
+        raise ValueError(f"role={role!r}: ChatGLM2 has no roles (only ChatGLM3 does)")
+
+
 def chat(
     model: ChatGLM2,
     tokenizer: ChatGLM2Tokenizer,
     query: str,
     history: History | None = None,
     rng: np.random.Generator | None = None,
+    role: str = "user",
     **options,
-) -> tuple[str, list[tuple[str, str]]]:
+) -> tuple:
     """One chat round, as the official ``chat()``: the whole prompt (history included) encoded,
-    a reply generated and post-processed -> (response, history + [(query, response)])."""
+    a reply generated and post-processed -> (response, history + [(query, response)]).
+    With a ChatGLM3Tokenizer: ChatGLM3's messages, roles and tool calls (see stream_chat)."""
     history = list(history or [])
     config = chat_config(tokenizer, options)
+    if isinstance(tokenizer, ChatGLM3Tokenizer):
+        new_ids = generate(model, tokenizer.build_chat_input(query, history, role), config, rng)
+        asked = history + [{"role": role, "content": query}]
+        return chatglm3.process_response(tokenizer.decode(new_ids), asked)
+    check_no_roles(role)
     new_ids = generate(model, tokenizer.build_chat_input(query, history), config, rng)
     response = process_response(tokenizer.decode(new_ids))
     return response, history + [(query, response)]
@@ -399,29 +464,50 @@ class ChatSession:
             ...
         session.history  # [("你好", response)]
 
+    With a ChatGLM3Tokenizer the history is ChatGLM3's list of messages, opened by a system
+    message when `system` or `tools` is given, and stream(result, role="observation") answers
+    a tool call (the reply is then {"name", "parameters"}, see stream_chat).
+
     A reply interrupted halfway stays in the history as far as it went; the cache, then
     incomplete, is dropped, and the next round re-encodes the whole history.
     """
 
-    def __init__(self, model: ChatGLM2, tokenizer: ChatGLM2Tokenizer, **options):
+    def __init__(
+        self,
+        model: ChatGLM2,
+        tokenizer: ChatGLM2Tokenizer,
+        system: str | None = None,
+        tools: list | None = None,
+        **options,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.config = chat_config(tokenizer, options)
         self.rng = np.random.default_rng(self.config.seed)
-        self.history: list[tuple[str, str]] = []
+        self.opening: list = []  # what clear() keeps: ChatGLM3's system message
+        if tools is not None or system is not None:
+            if not isinstance(tokenizer, ChatGLM3Tokenizer):
+                raise ValueError(
+                    "a system prompt and tools need a ChatGLM3 model (ChatGLM2 has none)"
+                )
+            if tools is not None:
+                self.opening = [chatglm3.tool_system_message(tools, system or chatglm3.TOOL_PROMPT)]
+            else:
+                self.opening = [{"role": "system", "content": system}]
+        self.history: list = list(self.opening)
         self.cache: KVCache | None = None
 
     def clear(self) -> None:
-        """Forget the conversation (history and cache)."""
-        self.history, self.cache = [], None
+        """Forget the conversation (history and cache); a system message stays."""
+        self.history, self.cache = list(self.opening), None
 
-    def stream(self, query: str) -> Iterator[str]:
+    def stream(self, query: str, role: str = "user") -> Iterator:
         """Yield the reply to `query` as it grows; the round joins the history at the end."""
         cache = self.cache if self.cache is not None else self.model.new_cache()
         self.cache = None  # until the round completes, the cache is not a whole conversation
-        response, completed = "", False
+        turn, completed = None, False
         options = dataclasses.asdict(self.config)
         try:
-            for response, _, _ in stream_chat(
+            for response, turn_so_far, _ in stream_chat(
                 self.model,
                 self.tokenizer,
                 query,
@@ -429,17 +515,26 @@ class ChatSession:
                 past_key_values=cache,
                 return_past_key_values=True,
                 rng=self.rng,
+                role=role,
                 **options,
             ):
+                turn = turn_so_far
                 yield response
             completed = True
         finally:
-            self.history.append((query, response))
+            self.history = turn if turn is not None else self.unanswered(query, role)
             self.cache = cache if completed else None
 
-    def ask(self, query: str) -> str:
-        """The whole reply to `query`."""
+    def unanswered(self, query: str, role: str) -> list:
+        """The history after `query` when no reply came (the reply is empty)."""
+        if isinstance(self.tokenizer, ChatGLM3Tokenizer):
+            asked = self.history + [{"role": role, "content": query}]
+            return chatglm3.process_response("", asked)[1]
+        return self.history + [(query, "")]
+
+    def ask(self, query: str, role: str = "user"):
+        """The whole reply to `query` (ChatGLM3: text, or a tool call as a dict)."""
         last = ""
-        for partial in self.stream(query):
+        for partial in self.stream(query, role):
             last = partial
         return last

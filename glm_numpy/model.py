@@ -67,12 +67,14 @@ class ChatGLM2:
         self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **options) -> ChatGLM2:
-        """Open a checkpoint directory (config.json + safetensors or torch .bin shards)."""
+    def from_pretrained(cls, directory: str | Path, family: str | None = None, **options):
+        """Open a checkpoint directory (config.json + safetensors or torch .bin shards).
+        family ("chatglm2", "chatglm3", "codegeex2") decides what a -32K model's rope_ratio
+        means when the directory does not show it (glm_numpy.family)."""
         from glm_numpy.checkpoint import load_checkpoint
         from glm_numpy.checkpoint.validate import validate_checkpoint
 
-        config = ChatGLM2Config.from_json(Path(directory) / "config.json")
+        config = ChatGLM2Config.from_json(Path(directory) / "config.json", family)
         checkpoint = load_checkpoint(directory)
         validate_checkpoint(checkpoint, config)
         return cls(config, checkpoint, **options)
@@ -149,7 +151,13 @@ class ChatGLM2:
         c = self.config
         positions = np.stack([cache.positions_for(m) for cache, m in zip(caches, is_token)])
         positions = apply_hooks(hooks, "positions", positions)  # [B, T]
-        rotary = rotary_table(positions, c.rotary_dim, reference_fp16=self.reference_fp16_rotary)
+        rotary = rotary_table(
+            positions,
+            c.rotary_dim,
+            c.rotary_base,
+            self.reference_fp16_rotary,
+            c.rotary_position_divisor,  # rope_ratio, as the family applies it (config)
+        )
         run = Pass.start(c, rotary, caches, is_token, hooks)
         x = run.see("embedding", embedding(ids, self.word_embeddings))  # [B, T, D]
         for i, w in enumerate(self.layers):
@@ -251,7 +259,13 @@ def block(
     """
     T = x.shape[0]
     positions = np.arange(T) if positions is None else np.asarray(positions)
-    rotary = rotary_table(positions[None], config.rotary_dim, reference_fp16=reference_fp16_rotary)
+    rotary = rotary_table(
+        positions[None],
+        config.rotary_dim,
+        config.rotary_base,
+        reference_fp16_rotary,
+        config.rotary_position_divisor,
+    )
     cache = KVCache(1, config.num_kv_groups, config.head_dim)
     run = Pass.start(config, rotary, [cache], np.ones((1, T), dtype=bool), hooks={})
     return transformer_block(run, 0, weights, x[None])[0]

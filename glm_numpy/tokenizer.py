@@ -81,6 +81,8 @@ def left_pad(id_lists: Sequence[Sequence[int]]) -> Batch:
 class ChatGLM2Tokenizer:
     """The ChatGLM2 tokenizer over a SentencePiece ``tokenizer.model``."""
 
+    stop_ids = (EOS_ID,)  # generated ids that end a reply (ChatGLM3 adds role tokens)
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():

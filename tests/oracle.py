@@ -19,8 +19,7 @@ def glm_config(config: ChatGLM2Config) -> GlmConfig:
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.multi_query_group_num,
         head_dim=config.kv_channels,
-        partial_rotary_factor=0.5,
-        rope_theta=10000.0,
+        rope_parameters=rope_parameters(config),
         rms_norm_eps=config.layernorm_epsilon,
         attention_bias=config.add_qkv_bias,
         tie_word_embeddings=False,
@@ -29,6 +28,16 @@ def glm_config(config: ChatGLM2Config) -> GlmConfig:
         eos_token_id=2,
         bos_token_id=None,
     )
+
+
+def rope_parameters(config: ChatGLM2Config) -> dict:
+    """Half of each head rotates; a -32K model's rope_ratio as its family applies it: ChatGLM3
+    multiplies the base (rope_theta = 10000 x rope_ratio), ChatGLM2-6B-32K divides the positions,
+    which is transformers' linear rope scaling with factor = rope_ratio."""
+    rope = {"rope_type": "default", "rope_theta": config.rotary_base, "partial_rotary_factor": 0.5}
+    if config.rotary_position_divisor != 1:
+        rope.update(rope_type="linear", factor=config.rotary_position_divisor)
+    return rope
 
 
 def glm_oracle(config: ChatGLM2Config, weights) -> GlmForCausalLM:

@@ -185,7 +185,7 @@ def test_ctrl_c_interrupts_the_reply_not_the_session(model_dir):
 
 def test_interrupted_reply_is_reported_and_swallowed(capsys):
     class Session:
-        def stream(self, query):
+        def stream(self, query, role="user"):
             yield "Hel"
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the next token is computed
             yield "Hello"

@@ -47,7 +47,6 @@ def test_absent_keys_take_the_config_class_defaults(tmp_path):
         ("hidden_size", 0, "positive integer"),
         ("kv_channels", 126, "multiple of 4"),
         ("layernorm_epsilon", -1.0, "positive finite"),
-        ("rope_ratio", 4, "rope_ratio=4: unsupported"),
     ],
 )
 def test_unsupported_settings_are_refused_by_name(tmp_path, key, value, message):
