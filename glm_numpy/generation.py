@@ -24,6 +24,7 @@ import numpy as np
 
 from glm_numpy.cache import KVCache
 from glm_numpy.model import ChatGLM2
+from glm_numpy.progress import progress_bar
 from glm_numpy.tokenizer import EOS_ID, ChatGLM2Tokenizer, History, continuation_prompt, left_pad
 
 FORCED_TOKEN_ON_INVALID_LOGITS = 5  # spec §4.3: the official InvalidScoreLogitsProcessor
@@ -196,6 +197,7 @@ def generate_stream(
     rng: np.random.Generator | None = None,
     stats: GenerationStats | None = None,
     feed_final_token: bool = False,
+    progress: bool = False,
 ) -> Iterator[int]:
     """Feed prompt_ids [T] (after whatever `cache` holds) and yield each new id as it is chosen.
 
@@ -203,6 +205,8 @@ def generate_stream(
     fed through the model unless feed_final_token is set; set it when the cache is kept for a
     conversation, so that it then holds every token of the round except </s> (spec §4.5).
     The repetition penalty looks at prompt_ids and the output, as the official code does.
+    progress=True shows the prefill on stderr (tokens done, tok/s, time left) once it has taken
+    over a second; the bar is gone before the first id is yielded.
     """
     config = config or GenerationConfig()
     rng = rng if rng is not None else np.random.default_rng(config.seed)
@@ -212,7 +216,10 @@ def generate_stream(
     seen = list(prompt_ids)
 
     started = time.perf_counter()
-    logits = model.forward(np.asarray(prompt_ids), cache, last_only=True)[-1]  # [V]
+    with progress_bar(len(prompt_ids), "prefill", "tok", enabled=progress) as bar:
+        heard = {"progress": bar.update} if progress else {}  # the model reports each layer
+        logits = model.forward(np.asarray(prompt_ids), cache, last_only=True, **heard)
+    logits = logits[-1]  # [V]
     token = next_token(logits, seen, config, rng)
     stats.prefill_tokens, stats.prefill_seconds = len(seen), time.perf_counter() - started
     for generated in range(1, budget + 1):
@@ -326,6 +333,7 @@ def stream_chat(
     past_key_values: KVCache | None = None,
     return_past_key_values: bool = False,
     rng: np.random.Generator | None = None,
+    progress: bool = False,
     **options,
 ) -> Iterator[tuple]:
     """Yield (response, history + [(query, response)]) after each new token, as the official
@@ -342,14 +350,17 @@ def stream_chat(
     next round without it (the prompt is then re-encoded from the history).
 
     options: GenerationConfig fields (temperature, top_p, top_k, repetition_penalty, do_sample,
-    max_length, max_new_tokens, seed); defaults as the official chat().
+    max_length, max_new_tokens, seed); defaults as the official chat(). progress: as in
+    generate_stream.
     """
     history = list(history or [])
     config = chat_config(tokenizer, options)
     cache = past_key_values if past_key_values is not None else model.new_cache()
     prompt_ids = chat_input_ids(tokenizer, query, history, cache)
     kept = past_key_values is not None or return_past_key_values
-    tokens = generate_stream(model, prompt_ids, config, cache, rng, feed_final_token=kept)
+    tokens = generate_stream(
+        model, prompt_ids, config, cache, rng, feed_final_token=kept, progress=progress
+    )
     for text in decode_stream(tokenizer, tokens):
         response = process_response(text)
         turn = history + [(query, response)]
@@ -386,8 +397,10 @@ class ChatSession:
     incomplete, is dropped, and the next round re-encodes the whole history.
     """
 
-    def __init__(self, model: ChatGLM2, tokenizer: ChatGLM2Tokenizer, **options):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(
+        self, model: ChatGLM2, tokenizer: ChatGLM2Tokenizer, progress: bool = False, **options
+    ):
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
         self.config = chat_config(tokenizer, options)
         self.rng = np.random.default_rng(self.config.seed)
         self.history: list[tuple[str, str]] = []
@@ -412,6 +425,7 @@ class ChatSession:
                 past_key_values=cache,
                 return_past_key_values=True,
                 rng=self.rng,
+                progress=self.progress,
                 **options,
             ):
                 yield response

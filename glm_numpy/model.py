@@ -12,7 +12,7 @@ weight is read once per step for all rows) and through attention one by one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +62,14 @@ class ChatGLM2:
         self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **options) -> ChatGLM2:
-        """Open a checkpoint directory (config.json + safetensors or torch .bin shards)."""
+    def from_pretrained(cls, directory: str | Path, progress: bool = False, **options) -> ChatGLM2:
+        """Open a checkpoint directory (config.json + safetensors or torch .bin shards).
+        progress=True: a bar on stderr should opening take over a second (glm_numpy.progress)."""
         from glm_numpy.checkpoint import load_checkpoint
         from glm_numpy.checkpoint.validate import validate_checkpoint
 
         config = ChatGLM2Config.from_json(Path(directory) / "config.json")
-        checkpoint = load_checkpoint(directory)
+        checkpoint = load_checkpoint(directory, progress=progress)
         validate_checkpoint(checkpoint, config)
         return cls(config, checkpoint, **options)
 
@@ -88,11 +89,13 @@ class ChatGLM2:
         cache: KVCache | None = None,
         trace: bool = False,
         last_only: bool = False,
+        progress: Callable[[float], None] | None = None,
     ) -> np.ndarray | tuple[np.ndarray, Trace]:
         """input_ids [T] int -> logits [T, V] float32 ([1, V] with last_only).
 
         With a cache, the new tokens are appended to it and their positions continue from it.
         With trace=True, also returns {name: array} of every intermediate, in the order computed.
+        progress(tokens), when given, hears of the work as it goes: T / L after each layer.
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 1 or ids.size == 0:
@@ -100,7 +103,7 @@ class ChatGLM2:
         record: Trace | None = {} if trace else None
         caches = [cache if cache is not None else self.new_cache()]
         is_token = np.ones((1, ids.size), dtype=bool)
-        logits = self._forward(ids[None, :], is_token, caches, record, last_only)
+        logits = self._forward(ids[None, :], is_token, caches, record, last_only, progress)
         return (logits[0], record) if trace else logits[0]
 
     def forward_batch(
@@ -129,6 +132,7 @@ class ChatGLM2:
         caches: list[KVCache],
         record: Trace | None,
         last_only: bool,
+        progress: Callable[[float], None] | None = None,
     ) -> np.ndarray:
         """ids [B, T], is_token [B, T] -> logits [B, T or 1, V]; trace (row 0) into record."""
         c = self.config
@@ -147,6 +151,8 @@ class ChatGLM2:
         keep("embedding", x)
         for i, w in enumerate(self.layers):
             x = transformer_block(c, i, w, x, (cos, sin), caches, slots, allowed, keep)
+            if progress is not None:
+                progress(ids.shape[1] / c.num_layers)
         h = rms_norm(x, self.final_layernorm, c.layernorm_epsilon)  # [B, T, D]
         keep("final_layernorm", h)
         logits = lm_head(h, self.output_layer, last_only=last_only)  # [B, T, V]
