@@ -13,22 +13,31 @@
 
 Model commands take --family chatglm2|chatglm3|codegeex2 when the directory does not show it
 (glm_numpy.family); chat takes ChatGLM3's --system and --tools, generate CodeGeeX2's --language.
+    glm-numpy warmup                 compile every kernel now (glm_numpy.warmup)
 
 Each subcommand is a pair registered in COMMANDS: ``add_<name>_parser(subparsers)`` declares
 its arguments and ``run_<name>(args) -> exit code`` does the work. Bad input of any kind is
 reported as one line on stderr with exit code 2, never a traceback.
+
+stdout carries the results (the generated text, tables) and stderr everything about the work:
+progress bars, speeds, the first-run note, errors. When the reader of stdout goes away
+(``glm-numpy inspect | head``) the command stops quietly with exit status 141, what a shell
+reports for a program ended by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import glm_numpy.progress
 from glm_numpy import chatglm3
 from glm_numpy.checkpoint import CheckpointError
 from glm_numpy.config import ChatGLM2Config, ConfigError
@@ -45,6 +54,8 @@ from glm_numpy.model import ChatGLM2
 from glm_numpy.tokenizer import ChatGLM2Tokenizer, TokenizerError, build_prompt
 
 USAGE_ERROR = 2
+BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: as a shell reports a program ended by SIGPIPE
+FIRST_RUN_NOTE = "glm-numpy: preparing kernels (first run only)…"
 
 
 class CliError(Exception):
@@ -113,6 +124,37 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
     )
     parser.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+
+
+def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress on stderr from the start, even when it is not a terminal",
+    )
+    shown.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress and no first-run note on stderr (errors are still shown)",
+    )
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars on stderr: by default when a person watches stderr, then only for work
+    that takes over a second; with --progress always, from the start."""
+    if args.progress:
+        glm_numpy.progress.DELAY_SECONDS = 0.0
+    return args.progress or (not args.quiet and sys.stderr.isatty())
+
+
+def announce_first_run(args: argparse.Namespace) -> None:
+    """Say once, on stderr, when this run compiles kernels (the first run after an install)."""
+    if args.quiet:
+        return
+    from glm_numpy.kernels.compilation import on_first_compilation
+
+    on_first_compilation(lambda: print(FIRST_RUN_NOTE, file=sys.stderr, flush=True))
 
 
 def sampling_options(args: argparse.Namespace, config: ChatGLM2Config) -> dict:
@@ -198,8 +240,15 @@ def add_generate_parser(subparsers) -> None:
         metavar="LANG",
         help="CodeGeeX2: complete PROMPT as code in LANG (e.g. Python: '# language: Python')",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object at the end (text, token ids, counts, timings) instead of "
+        "streaming the text",
+    )
     add_model_argument(parser)
     add_sampling_arguments(parser, max_new_tokens=256)
+    add_progress_arguments(parser)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -211,14 +260,24 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = open_tokenizer(directory, config, args.family)
     ids = prompt_ids(args, directory, tokenizer)
     check_prompt_fits(ids, config)
-    model = ChatGLM2.from_pretrained(directory, args.family)
+    announce_first_run(args)
+    started = time.perf_counter()
+    model = ChatGLM2.from_pretrained(directory, family=args.family, progress=show_progress(args))
+    load_seconds = time.perf_counter() - started
 
     generation = GenerationConfig(
         **options, vocab_limit=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids
     )
     stats = GenerationStats()
+    tokens = generate_stream(model, ids, generation, stats=stats, progress=show_progress(args))
+    if args.json:
+        new_ids = list(tokens)
+        reply = tokenizer.decode(new_ids)
+        reply = tidy_reply(tokenizer, reply) if args.chat_template else reply
+        print(json.dumps(generation_record(args.prompt, reply, ids, new_ids, stats, load_seconds)))
+        return 0
     shown = ""
-    for partial in decode_stream(tokenizer, generate_stream(model, ids, generation, stats=stats)):
+    for partial in decode_stream(tokenizer, tokens):
         shown = print_growing(
             shown, tidy_reply(tokenizer, partial) if args.chat_template else partial
         )
@@ -264,6 +323,33 @@ def tidy_reply(tokenizer, text: str) -> str:
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
+def generation_record(
+    prompt: str,
+    text: str,
+    prompt_ids: list[int],
+    new_ids: list[int],
+    stats: GenerationStats,
+    load_seconds: float,
+) -> dict:
+    """What ``generate --json`` prints: one object for programs that call the command."""
+    return {
+        "prompt": prompt,
+        "text": text,
+        "prompt_token_ids": [int(i) for i in prompt_ids],
+        "token_ids": [int(i) for i in new_ids],
+        "prompt_tokens": len(prompt_ids),
+        "generated_tokens": len(new_ids),
+        "stop_reason": stats.stop_reason,
+        "timings": {
+            "load_seconds": round(load_seconds, 6),
+            "prefill_seconds": round(stats.prefill_seconds, 6),
+            "decode_seconds": round(stats.decode_seconds, 6),
+            "prefill_tokens_per_second": round(stats.prefill_tokens_per_second, 3),
+            "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
+        },
+    }
+
+
 # ---------------------------------------------------------------------------- chat
 CHAT_HELP = "Commands: /clear forgets the conversation, /history shows it, /exit (or Ctrl-D) quits."
 
@@ -279,6 +365,7 @@ def add_chat_parser(subparsers) -> None:
         "call's result",
     )
     add_sampling_arguments(parser, max_new_tokens=None)  # as the official chat: max_length only
+    add_progress_arguments(parser)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -291,8 +378,12 @@ def run_chat(args: argparse.Namespace) -> int:
         tokenizer, chatglm3.ChatGLM3Tokenizer
     ):
         raise CliError("--system and --tools need a ChatGLM3 model (--family chatglm3)")
-    model = ChatGLM2.from_pretrained(directory, args.family)
-    session = ChatSession(model, tokenizer, system=args.system, tools=tools, **options)
+    announce_first_run(args)
+    progress = show_progress(args)
+    model = ChatGLM2.from_pretrained(directory, family=args.family, progress=progress)
+    session = ChatSession(
+        model, tokenizer, system=args.system, tools=tools, progress=progress, **options
+    )
     print(f"glm-numpy chat with {directory}. {CHAT_HELP} Ctrl-C stops a reply.")
     while True:
         try:
@@ -503,6 +594,7 @@ def add_perplexity_parser(subparsers) -> None:
     parser.add_argument(
         "--stride", type=int, default=256, metavar="N", help="tokens between window starts"
     )
+    add_progress_arguments(parser)
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
@@ -522,8 +614,10 @@ def run_perplexity(args: argparse.Namespace) -> int:
     ids = open_tokenizer(directory, config, args.family).encode(text)
     if len(ids) < 2:
         raise CliError(f"{args.file}: too short to score (fewer than 2 tokens)")
-    model = ChatGLM2.from_pretrained(directory, args.family)
-    result = perplexity(model, ids, args.window, args.stride)
+    announce_first_run(args)
+    progress = show_progress(args)
+    model = ChatGLM2.from_pretrained(directory, family=args.family, progress=progress)
+    result = perplexity(model, ids, args.window, args.stride, progress=progress)
     print(
         f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats) over "
         f"{result.scored_tokens} tokens of {args.file}; window {result.window}, "
@@ -661,6 +755,24 @@ def run_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- warmup
+def add_warmup_parser(subparsers) -> None:
+    subparsers.add_parser(
+        "warmup",
+        help="compile and cache every kernel now, so no later command waits for it",
+        description="Run the embedded default model once in each weight format (float16, "
+        "bfloat16, int8, int4), so that numba compiles every kernel into its on-disk cache. "
+        "Worth doing once after installing (later runs load the cache in well under a second).",
+    )
+
+
+def run_warmup(args: argparse.Namespace) -> int:
+    from glm_numpy.warmup import warmup
+
+    warmup()
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 Command = tuple[Callable[[object], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
@@ -674,6 +786,7 @@ COMMANDS: dict[str, Command] = {
     "check": (add_check_parser, run_check),
     "diff": (add_diff_parser, run_diff),
     "lens": (add_lens_parser, run_lens),
+    "warmup": (add_warmup_parser, run_warmup),
 }
 
 
@@ -697,6 +810,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return stop_writing_to_closed_pipe()
+
+
+def stop_writing_to_closed_pipe() -> int:
+    """The reader of stdout went away (``| head``): end quietly with exit status 141.
+
+    Whatever is still buffered for stdout is dropped instead of raising BrokenPipeError a second
+    time when Python flushes stdout at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from glm_numpy import chatglm3
 from glm_numpy.cache import KVCache
 from glm_numpy.chatglm3 import ChatGLM3Tokenizer
 from glm_numpy.model import ChatGLM2
+from glm_numpy.progress import progress_bar
 from glm_numpy.tokenizer import EOS_ID, ChatGLM2Tokenizer, History, continuation_prompt, left_pad
 
 FORCED_TOKEN_ON_INVALID_LOGITS = 5  # spec §4.3: the official InvalidScoreLogitsProcessor
@@ -200,6 +201,7 @@ def generate_stream(
     stats: GenerationStats | None = None,
     feed_final_token: bool = False,
     hooks: dict | None = None,
+    progress: bool = False,
 ) -> Iterator[int]:
     """Feed prompt_ids [T] (after whatever `cache` holds) and yield each new id as it is chosen.
 
@@ -210,6 +212,8 @@ def generate_stream(
     The repetition penalty looks at prompt_ids and the output, as the official code does.
     hooks ({trace name or pattern: fn}, glm_numpy.hooks) apply to every forward pass, the prompt's
     and each new token's.
+    progress=True shows the prefill on stderr (tokens done, tok/s, time left) once it has taken
+    over a second; the bar is gone before the first id is yielded.
     """
     config = config or GenerationConfig()
     rng = rng if rng is not None else np.random.default_rng(config.seed)
@@ -219,7 +223,9 @@ def generate_stream(
     seen = list(prompt_ids)
 
     started = time.perf_counter()
-    logits = last_logits(model, np.asarray(prompt_ids), cache, hooks)  # [V]
+    with progress_bar(len(prompt_ids), "prefill", "tok", enabled=progress) as bar:
+        heard = bar.update if progress else None  # the model reports each layer it is through
+        logits = last_logits(model, np.asarray(prompt_ids), cache, hooks, heard)  # [V]
     token = next_token(logits, seen, config, rng)
     stats.prefill_tokens, stats.prefill_seconds = len(seen), time.perf_counter() - started
     for generated in range(1, budget + 1):
@@ -240,11 +246,16 @@ def generate_stream(
         last_logits(model, np.array([token]), cache, hooks)
 
 
-def last_logits(model: ChatGLM2, ids: np.ndarray, cache: KVCache, hooks: dict | None):
-    """Feed ids [T] -> the last position's logits [V]. Hooks are passed only when there are
-    some, so any object with ``forward(ids, cache, last_only)`` can stand in for the model."""
-    with_hooks = {"hooks": hooks} if hooks else {}
-    return model.forward(ids, cache, last_only=True, **with_hooks)[-1]
+def last_logits(
+    model: ChatGLM2, ids: np.ndarray, cache: KVCache, hooks: dict | None, progress=None
+):
+    """Feed ids [T] -> the last position's logits [V]. Hooks and a progress callback are passed
+    only when there are some, so any object with ``forward(ids, cache, last_only)`` can stand in
+    for the model."""
+    extra = {"hooks": hooks} if hooks else {}
+    if progress is not None:
+        extra["progress"] = progress
+    return model.forward(ids, cache, last_only=True, **extra)[-1]
 
 
 def generate(
@@ -349,6 +360,7 @@ def stream_chat(
     return_past_key_values: bool = False,
     rng: np.random.Generator | None = None,
     role: str = "user",
+    progress: bool = False,
     **options,
 ) -> Iterator[tuple]:
     """Yield (response, history + [(query, response)]) after each new token, as the official
@@ -372,12 +384,13 @@ def stream_chat(
     start the next round without it (the prompt is then re-encoded from the history).
 
     options: GenerationConfig fields (temperature, top_p, top_k, repetition_penalty, do_sample,
-    max_length, max_new_tokens, seed); defaults as the official chat().
+    max_length, max_new_tokens, seed); defaults as the official chat(). progress: as in
+    generate_stream.
     """
     if isinstance(tokenizer, ChatGLM3Tokenizer):
         yield from stream_chat3(
             model, tokenizer, query, history, past_key_values, return_past_key_values, rng, role,
-            options,
+            options, progress,
         )  # fmt: skip
         return
     check_no_roles(role)
@@ -386,7 +399,9 @@ def stream_chat(
     cache = past_key_values if past_key_values is not None else model.new_cache()
     prompt_ids = chat_input_ids(tokenizer, query, history, cache)
     kept = past_key_values is not None or return_past_key_values
-    tokens = generate_stream(model, prompt_ids, config, cache, rng, feed_final_token=kept)
+    tokens = generate_stream(
+        model, prompt_ids, config, cache, rng, feed_final_token=kept, progress=progress
+    )
     for text in decode_stream(tokenizer, tokens):
         response = process_response(text)
         turn = history + [(query, response)]
@@ -394,7 +409,16 @@ def stream_chat(
 
 
 def stream_chat3(
-    model, tokenizer, query, history, past_key_values, return_past_key_values, rng, role, options
+    model,
+    tokenizer,
+    query,
+    history,
+    past_key_values,
+    return_past_key_values,
+    rng,
+    role,
+    options,
+    progress=False,
 ) -> Iterator[tuple]:
     """stream_chat in ChatGLM3's format (see stream_chat). With a cache holding the earlier
     rounds only the new message and <|assistant|> are fed: the turn the model ended with a stop
@@ -409,7 +433,9 @@ def stream_chat3(
         prompt_ids = tokenizer.continuation_ids(query, role)
     asked = history + [{"role": role, "content": query}]
     kept = past_key_values is not None or return_past_key_values
-    tokens = generate_stream(model, prompt_ids, config, cache, rng, feed_final_token=kept)
+    tokens = generate_stream(
+        model, prompt_ids, config, cache, rng, feed_final_token=kept, progress=progress
+    )
     unshown = None  # the reply so far, when it could not be shown yet
     for text in decode_stream(tokenizer, tokens):
         unshown = text
@@ -478,9 +504,10 @@ class ChatSession:
         tokenizer: ChatGLM2Tokenizer,
         system: str | None = None,
         tools: list | None = None,
+        progress: bool = False,
         **options,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
         self.config = chat_config(tokenizer, options)
         self.rng = np.random.default_rng(self.config.seed)
         self.opening: list = []  # what clear() keeps: ChatGLM3's system message
@@ -516,6 +543,7 @@ class ChatSession:
                 return_past_key_values=True,
                 rng=self.rng,
                 role=role,
+                progress=self.progress,
                 **options,
             ):
                 turn = turn_so_far

@@ -16,7 +16,7 @@ it, and the trace is a hook that keeps them all. A pass with no hooks runs the f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +67,18 @@ class ChatGLM2:
         self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, family: str | None = None, **options):
+    def from_pretrained(
+        cls, directory: str | Path, family: str | None = None, progress: bool = False, **options
+    ) -> ChatGLM2:
         """Open a checkpoint directory (config.json + safetensors or torch .bin shards).
         family ("chatglm2", "chatglm3", "codegeex2") decides what a -32K model's rope_ratio
-        means when the directory does not show it (glm_numpy.family)."""
+        means when the directory does not show it (glm_numpy.family). progress=True: a bar on
+        stderr should opening take over a second (glm_numpy.progress)."""
         from glm_numpy.checkpoint import load_checkpoint
         from glm_numpy.checkpoint.validate import validate_checkpoint
 
         config = ChatGLM2Config.from_json(Path(directory) / "config.json", family)
-        checkpoint = load_checkpoint(directory)
+        checkpoint = load_checkpoint(directory, progress=progress)
         validate_checkpoint(checkpoint, config)
         return cls(config, checkpoint, **options)
 
@@ -96,6 +99,7 @@ class ChatGLM2:
         trace: bool = False,
         hooks: Mapping[str, Hook] | None = None,
         last_only: bool = False,
+        progress: Callable[[float], None] | None = None,
     ) -> np.ndarray | tuple[np.ndarray, Trace]:
         """input_ids [T] int -> logits [T, V] float32 ([1, V] with last_only).
 
@@ -103,6 +107,7 @@ class ChatGLM2:
         hooks {trace name or pattern: fn}: fn(array) sees that intermediate and may return a
         replacement of the same shape (glm_numpy.hooks). With trace=True, also returns
         {name: array} of every intermediate (after the hooks), in the order computed.
+        progress(tokens), when given, hears of the work as it goes: T / L after each layer.
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 1 or ids.size == 0:
@@ -114,7 +119,7 @@ class ChatGLM2:
                 table.setdefault(name, []).extend(keep)
         caches = [cache if cache is not None else self.new_cache()]
         is_token = np.ones((1, ids.size), dtype=bool)
-        logits = self._forward(ids[None, :], is_token, caches, table, last_only)
+        logits = self._forward(ids[None, :], is_token, caches, table, last_only, progress)
         return (logits[0], record) if trace else logits[0]
 
     def forward_batch(
@@ -146,6 +151,7 @@ class ChatGLM2:
         caches: list[KVCache],
         hooks: dict[str, list[Hook]],
         last_only: bool,
+        progress: Callable[[float], None] | None = None,
     ) -> np.ndarray:
         """ids [B, T], is_token [B, T] -> logits [B, T or 1, V], through the resolved hooks."""
         c = self.config
@@ -162,6 +168,8 @@ class ChatGLM2:
         x = run.see("embedding", embedding(ids, self.word_embeddings))  # [B, T, D]
         for i, w in enumerate(self.layers):
             x = transformer_block(run, i, w, x)
+            if progress is not None:
+                progress(ids.shape[1] / c.num_layers)
         h = rms_norm(x, self.final_layernorm, c.layernorm_epsilon)  # [B, T, D]
         h = run.see("final_layernorm", h)
         logits = lm_head(h, self.output_layer, last_only=last_only)  # [B, T, V]

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from glm_numpy.progress import progress_bar
+
 
 @dataclasses.dataclass(frozen=True)
 class Perplexity:
@@ -48,19 +50,27 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def perplexity(model, ids: Sequence[int], window: int, stride: int) -> Perplexity:
-    """model (with ``forward(ids [T]) -> logits [T, V]``), ids [N] -> Perplexity of ids[1:]."""
+def perplexity(
+    model, ids: Sequence[int], window: int, stride: int, progress: bool = False
+) -> Perplexity:
+    """model (with ``forward(ids [T]) -> logits [T, V]``), ids [N] -> Perplexity of ids[1:].
+    progress=True: a bar over the windows on stderr once they take over a second."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 token ids, got {len(ids)}")
     if not 1 <= stride <= window:
         raise ValueError(f"need 1 <= stride <= window, got window={window}, stride={stride}")
     total, count, scored_until = 0.0, 0, 1  # token 0 has no context: never scored
-    for start in window_starts(len(ids), window, stride):
-        end = min(start + window, len(ids))
-        logits = model.forward(ids[start:end])  # [end - start, V]: row p predicts ids[start+p+1]
-        first = max(scored_until, start + 1)  # the first token this window scores
-        nll = token_nll(logits[first - start - 1 : end - start - 1], ids[first:end])
-        total, count, scored_until = total + float(nll.sum()), count + len(nll), end
+    starts = window_starts(len(ids), window, stride)
+    with progress_bar(len(starts), "perplexity", "window", enabled=progress) as bar:
+        for start in starts:
+            end = min(start + window, len(ids))
+            logits = model.forward(
+                ids[start:end]
+            )  # [end - start, V]: row p predicts ids[start+p+1]
+            first = max(scored_until, start + 1)  # the first token this window scores
+            nll = token_nll(logits[first - start - 1 : end - start - 1], ids[first:end])
+            total, count, scored_until = total + float(nll.sum()), count + len(nll), end
+            bar.update(1)
     mean = total / count
     return Perplexity(math.exp(mean), mean, count, window, stride)

@@ -19,6 +19,7 @@ import numpy as np
 from glm_numpy.checkpoint.errors import CheckpointError
 from glm_numpy.checkpoint.safetensors_io import read_safetensors
 from glm_numpy.checkpoint.torch_zip import read_torch_file
+from glm_numpy.progress import progress_bar
 
 # What a directory may contain, in the order we look for it.
 ENTRY_FILES = (
@@ -73,15 +74,19 @@ class Checkpoint(Mapping):
         return sum(array.nbytes for array in self._tensors.values())
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint directory, index json, .safetensors or torch .bin file."""
+def load_checkpoint(path: str | Path, progress: bool = False) -> Checkpoint:
+    """Open a checkpoint directory, index json, .safetensors or torch .bin file.
+
+    Tensors are memory-mapped, not read: opening takes well under a second from a local disk.
+    progress=True shows the bytes mapped on stderr should it take longer (glm_numpy.progress).
+    """
     path = Path(path)
     if path.is_dir():
         path = _entry_file(path)
     elif not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.name.endswith(".index.json"):
-        return _load_sharded(path)
+        return _load_sharded(path, progress)
     tensors = read_tensor_file(path)
     return Checkpoint(path, tensors, dict.fromkeys(tensors, path))
 
@@ -102,24 +107,28 @@ def _entry_file(directory: Path) -> Path:
     )
 
 
-def _load_sharded(index_path: Path) -> Checkpoint:
+def _load_sharded(index_path: Path, progress: bool = False) -> Checkpoint:
     weight_map, metadata = _read_index(index_path)
     tensors: dict[str, np.ndarray] = {}
     sources: dict[str, Path] = {}
     # Shard files in their own order (00001, 00002, ...), not in the index's name order.
-    for shard_name in sorted(set(weight_map.values())):
-        shard = index_path.parent / shard_name
+    shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
         if not shard.is_file():
-            listed = next(name for name, file in weight_map.items() if file == shard_name)
+            listed = next(name for name, file in weight_map.items() if file == shard.name)
             raise CheckpointError(
-                f"{index_path}: shard {shard_name!r} (holding e.g. {listed!r}) does not exist"
+                f"{index_path}: shard {shard.name!r} (holding e.g. {listed!r}) does not exist"
             )
-        for name, array in read_tensor_file(shard).items():
-            if name in sources:
-                raise CheckpointError(
-                    f"tensor {name!r} is duplicated: found in {sources[name]} and in {shard}"
-                )
-            tensors[name], sources[name] = array, shard
+    total = sum(shard.stat().st_size for shard in shards)
+    with progress_bar(total, "loading", "B", enabled=progress) as bar:
+        for shard in shards:
+            for name, array in read_tensor_file(shard).items():
+                if name in sources:
+                    raise CheckpointError(
+                        f"tensor {name!r} is duplicated: found in {sources[name]} and in {shard}"
+                    )
+                tensors[name], sources[name] = array, shard
+            bar.update(shard.stat().st_size)
     for name, shard_name in weight_map.items():
         if name not in tensors:
             raise CheckpointError(
