@@ -5,8 +5,10 @@ In order of how specific the evidence is:
 2. a known mistake (mistakes.py) gives exactly the student's output on every case where the
    student returned something: that mistake is the diagnosis;
 3. the shape or dtype of the output already says what is wrong (compare.Mismatch.hint);
-4. the first failing case carries a tag with a hint (e.g. only large scores fail);
-5. otherwise, say that no known mistake matches.
+4. the first failing case carries a tag with a hint (e.g. only large scores fail), followed by
+5. where and how the outputs are wrong (structure.py: e.g. "only the last row is wrong", "the
+   values are divided by sqrt(D)"), pointing at the step to re-read;
+6. otherwise (nothing to analyse), say that no known mistake matches.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from glm_numpy.exercises.cases import Case
 from glm_numpy.exercises.catalogue import Exercise
 from glm_numpy.exercises.compare import Mismatch
 from glm_numpy.exercises.runner import Outcome
+from glm_numpy.exercises.structure import returned_input, structural_hint
 
 _EXCEPTION_HINTS = [
     (
@@ -110,12 +113,37 @@ def likely_bug(
     diagnosis = matching_mistake(exercise, case_list, outcomes)
     if diagnosis:
         return diagnosis
+    with np.errstate(all="ignore"):
+        expected = [exercise.reference(*case.args) for case in case_list]
+    unchanged = returned_input(exercise, case_list[failed], outcomes[failed].value)
+    if unchanged:
+        return unchanged
+    structure = structural_hint(exercise, case_list, outcomes, expected)
+    value_failed = _first_wrong_values(exercise, outcomes, expected)
+    parts = []
     if mismatch.hint:
-        return mismatch.hint
-    for tag in sorted(case_list[failed].tags):
-        if tag in exercise.tag_hints:
-            return exercise.tag_hints[tag]
+        if value_failed is None or not structure:
+            return mismatch.hint
+        parts.append(f"{mismatch.hint}. Besides, the values are wrong")
+    if value_failed is not None:
+        parts += [
+            exercise.tag_hints[t]
+            for t in sorted(case_list[value_failed].tags)
+            if t in exercise.tag_hints
+        ][:1]
+    if structure:
+        parts.append(structure)
+    if parts:
+        return ". ".join(parts)
     return (
         "no known mistake matches your output; recompute the failing case by hand, step by "
         f"step, against the definition: {exercise.signature}"
     )
+
+
+def _first_wrong_values(exercise: Exercise, outcomes: Sequence[Outcome], expected) -> int | None:
+    """The first answered case whose values are wrong (a wrong dtype alone does not count)."""
+    for i, (outcome, right) in enumerate(zip(outcomes, expected)):
+        if outcome.kind == "value" and not exercise.output.close(right, outcome.value):
+            return i
+    return None

@@ -1,0 +1,894 @@
+"""Where and how a wrong output is wrong, when no known mistake explains it.
+
+A teacher faced with an unknown bug first localises it, then characterises it. This module does
+the same with the student's outputs on every case and the right answers:
+
+where  which cases fail (e.g. only those whose heads share kv groups), and inside an output which
+       rows (only the newest token, only rows after the first, the cached part or the new row of
+       a cache), which heads (every head of one kv group) and which channels (only the rotated
+       channels, only the second channel of each pair, only the pass-through channels);
+how    values that are 0, equal to an input, equal to the answer plus an input, sign-flipped,
+       multiplied by a constant (named when it is a size: "divided by sqrt(D)") or by a factor per
+       row or per channel, shifted by a constant, moved along an axis (a permutation, an
+       off-by-one shift, the answer of another position), the right numbers in the wrong places,
+       or right to a few digits only (a precision slip);
+       for the set of top_p: missing or extra tokens and where they sit in probability order.
+
+Each finding is phrased for a student and points at the step of the definition to re-read
+(``STEPS``). ``structural_hint`` never raises: a student's output that cannot be analysed gives
+None, and the caller falls back to a plain hint.
+
+Shape legend: T tokens · S cached + new · D hidden · H query heads · G kv groups · Dh head dim ·
+R rotary dims (Dh/2) · F ffn · V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from glm_numpy.exercises.cases import Case
+from glm_numpy.exercises.compare import ArraysOutput, IdSetOutput, _as_id_set
+from glm_numpy.generation import softmax as softmax_1d
+
+# ------------------------------------------------------------------ what each output axis means
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The meaning of each axis of one output array of one case.
+
+    axes: per axis "token", "head", "channel", "row" (cache rows) or "vocab".
+    heads_per_group: H/G for a head axis (0 when the exercise has no groups).
+    rotary_dims: R for a channel axis whose first R channels rotate (0 otherwise).
+    new_row: index of the row a cache step appends (-1 when there is none).
+    sizes: the named sizes of the case, to name a constant factor (D, Dh, ...).
+    """
+
+    axes: tuple[str, ...]
+    sizes: dict[str, int]
+    heads_per_group: int = 0
+    rotary_dims: int = 0
+    new_row: int = -1
+
+
+def _layout(name: str, part: str, args: tuple) -> Layout:
+    if name == "embedding":
+        ids, table = args
+        return Layout(("token", "channel"), {"D": table.shape[1], "V": table.shape[0]})
+    if name in ("rms_norm", "swiglu"):
+        return Layout(("token", "channel"), {"D": args[0].shape[1]})
+    if name == "lm_head":
+        return Layout(("token", "vocab"), {"D": args[0].shape[1], "V": args[1].shape[0]})
+    if name == "rotary":
+        Dh = args[0].shape[2]
+        return Layout(("token", "head", "channel"), {"Dh": Dh, "R": Dh // 2}, rotary_dims=Dh // 2)
+    if name == "attention":
+        q, k, _ = args
+        H, G, Dh = q.shape[1], k.shape[1], q.shape[2]
+        sizes = {"Dh": Dh, "H": H, "S": k.shape[0], "H·Dh": H * Dh}
+        return Layout(("token", "head", "channel"), sizes, heads_per_group=H // G)
+    if name == "block":
+        x, _, weights, H = args[:4]
+        Dh = weights["self_attention.dense.weight"].shape[1] // H
+        return Layout(("token", "channel"), {"D": x.shape[1], "Dh": Dh})
+    if name == "kv_cache_step":
+        q, _, _, cache_k, _ = args
+        S, G, Dh = cache_k.shape
+        sizes = {"Dh": Dh, "H": q.shape[1], "S+1": S + 1, "H·Dh": q.shape[1] * Dh}
+        if part == "out":
+            return Layout(("token", "head", "channel"), sizes, heads_per_group=q.shape[1] // G)
+        return Layout(("row", "group", "channel"), sizes, new_row=S)
+    raise KeyError(name)
+
+
+def _inputs(name: str, args: tuple, names: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """The array arguments of a case, by the names the student knows them by."""
+    return [
+        (f"the input {n}", a)
+        for n, a in zip(names, args)
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f"
+    ]
+
+
+# ------------------------------------------------------------------ steps to re-read, per exercise
+# finding -> the step of the definition to re-read. A finding missing here gets only its
+# description.
+STEPS: dict[str, dict[str, str]] = {
+    "embedding": {
+        "rows": "row t of the output is row ids[t] of the table (ids count from 0)",
+        "scale": "the rows are used as they are, no scaling",
+        "precision": "a row lookup is exact: copy the float32 rows, do not round them",
+        "default": "out[t] is row ids[t] of the table, unchanged, in the order of ids",
+    },
+    "rms_norm": {
+        "row_scale": "re-read the normaliser of each row: divide by sqrt(mean(x²) + eps), the "
+        "mean of the squares of x itself over the row's D features (before the weight)",
+        "channel_scale": "re-read the last step: multiply by weight [D], once",
+        "scale": "re-read the normaliser: sqrt(mean(x²) + eps), over the D features",
+        "shift": "RMSNorm subtracts nothing and adds nothing: x / sqrt(mean(x²) + eps) * weight",
+        "row_shift": "RMSNorm subtracts nothing and adds nothing: x / sqrt(mean(x²) + eps) * "
+        "weight",
+        "precision": "compute in float32 (float16 loses the small squares)",
+        "default": "re-read y = x / sqrt(mean(x²) + eps) * weight step by step: the mean of the "
+        "squares over each row, eps inside the root, a division, then the weight multiplied",
+    },
+    "rotary": {
+        "rotated": "re-read the rotation of the pairs (2i, 2i+1): out[2i] = x[2i]·cos − "
+        "x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin, with angle position·θᵢ",
+        "odd": "re-read out[2i+1] = x[2i+1]·cos + x[2i]·sin: it needs the ORIGINAL x[2i] (if you "
+        "overwrite the even channels in place first, keep a copy)",
+        "even": "re-read out[2i] = x[2i]·cos − x[2i+1]·sin",
+        "passthrough": "channels R..Dh-1 pass through unchanged: start from a copy of x",
+        "later_pairs": "re-read the frequencies θᵢ = 10000^(-2i/R): pair 0 turns by the "
+        "position itself, later pairs slower",
+        "cases": "re-read how the angle is built from positions[t] (not from t)",
+        "heads": "every head turns by the same angles: broadcast cos/sin over the head axis",
+        "default": "re-read the rotation of the pairs (2i, 2i+1) with angle positions[t]·θᵢ, "
+        "θᵢ = 10000^(-2i/R)",
+    },
+    "attention": {
+        "heads": "re-read which kv group each head uses: head h reads group h // (H/G)",
+        "groups": "re-read which kv group each head uses: head h reads group h // (H/G)",
+        "row_scale": "re-read the softmax: each query's weights over the keys it may see add up "
+        "to 1 (softmax over the key axis, masked keys weight 0, normalised after masking)",
+        "scores": "re-read the scaling of the scores: q·k / sqrt(Dh), before the softmax",
+        "after_first": "re-read the causal mask: query t sits at position S - T + t and sees "
+        "keys 0..S-T+t",
+        "before_last": "re-read the causal mask: query t sits at position S - T + t and sees "
+        "keys 0..S-T+t, no later ones",
+        "layout": "re-read how the heads are laid out: the output is [T, H, Dh] (transpose "
+        "[H, T, Dh] with np.transpose / einsum, a reshape does not move the axes)",
+        "precision": "keep the scores in float32: float16 cannot hold large scores precisely",
+        "default": "re-read the steps in order on the failing case: scores q·k / sqrt(Dh) for "
+        "each head with its group h // (H/G), the causal mask, a softmax over the key axis "
+        "(each query's row adds up to 1), then the weighted sum of the values v",
+    },
+    "swiglu": {
+        "input_added": "the residual x + MLP(x) belongs to the block, not to swiglu",
+        "default": "re-read out = (silu(gate) * up) @ w_4h_to_h.T with silu(z) = z·sigmoid(z), "
+        "gate the first F channels of x @ w_h_to_4h.T and up the second F",
+    },
+    "lm_head": {
+        "row_shift": "lm_head returns the raw logits x @ w.T: nothing subtracted",
+        "row_scale": "lm_head returns the raw logits x @ w.T of the input as given (no norm, no "
+        "scaling)",
+        "scale": "lm_head returns the raw logits x @ w.T: no scaling",
+        "precision": "compute the product in float32, not float16",
+        "default": "lm_head returns the raw logits x @ w.T and nothing else",
+    },
+    "block": {
+        "both_halves": "each half is right on its own but the two do not join right: the MLP "
+        "reads post_attention_layernorm(x1) with x1 = x + attention output, and the block "
+        "returns x1 + MLP",
+        "input_added": "the block's input x is added once too often: x1 = x + attention, "
+        "out = x1 + MLP",
+        "input_missing": "a residual is missing: x1 = x + attention, out = x1 + MLP",
+        "after_first": "row 0 is right and the later rows are not: look at what depends on the "
+        "position — rotary of q and k, and the causal mask (row 0 sees only itself)",
+        "before_last": "only the last row is right — it is the one row that may see every key: "
+        "re-read the causal mask (a query sees no later position)",
+        "default": "re-read the block step by step: input_layernorm, q|k|v with the bias, "
+        "rotary on q and k only, grouped causal attention, dense, the first residual, "
+        "post_attention_layernorm, SwiGLU, the second residual",
+    },
+    "kv_cache_step": {
+        "out": "out is wrong while both caches are right: re-read how the new query is rotated "
+        "(at position S) and how it attends to all S + 1 cached keys (scale 1/sqrt(Dh), group "
+        "h // (H/G), no mask needed: every cached key is earlier)",
+        "new": "re-read steps 2-3: the new key is rotated at position S, then appended as row "
+        "S; the value is appended unrotated",
+        "cached": "the S rows you were given are already right: append to them, do not change them",
+        "heads": "re-read which kv group each head uses: head h reads group h // (H/G)",
+        "groups": "re-read which kv group each head uses: head h reads group h // (H/G)",
+        "scores": "re-read the scaling of the scores: q·k / sqrt(Dh), before the softmax",
+        "precision": "keep the attention in float32",
+        "default": "re-read the four steps: position S, rotate q and k there, append the rotated "
+        "k and the unrotated v, attend over all S + 1 rows",
+    },
+}
+
+_GENERIC_STEP = "recompute that part by hand against the definition: {signature}"
+
+# ------------------------------------------------------------------ comparing values loosely
+
+
+def _near(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+    """Element-wise: a matches b, a little looser than the checker (a student's float32 path to
+    the same wrong answer rounds differently from ours)."""
+    scale = float(np.sqrt(np.mean(np.square(b)))) if b.size else 0.0
+    with np.errstate(all="ignore"):
+        return np.abs(a - b) <= 10 * atol + 10 * rtol * np.abs(b) + 1e-4 * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """One failing case of one output array: expected and got as float64, and its layout."""
+
+    case: Case
+    expected: np.ndarray
+    got: np.ndarray
+    layout: Layout
+    atol: float
+    rtol: float
+
+    def near(self, a, b) -> np.ndarray:
+        return _near(a, b, self.atol, self.rtol)
+
+    @property
+    def wrong(self) -> np.ndarray:
+        return ~self.near(self.got, self.expected)
+
+
+# ------------------------------------------------------------------ where
+
+
+def _rows_where(wrong_rows: np.ndarray, n: int, new_row: int) -> str | None:
+    if new_row >= 0:  # a cache: the first rows were given, one is appended
+        if n == 1 or wrong_rows.all():
+            return None
+        if list(np.flatnonzero(wrong_rows)) == [new_row]:
+            return "new"
+        if not wrong_rows[new_row]:
+            return "cached"
+        return None
+    if n < 2 or wrong_rows.all():
+        return None
+    if list(np.flatnonzero(wrong_rows)) == [n - 1]:
+        return "last"
+    if not wrong_rows[0] and wrong_rows[1:].all():
+        return "after_first"
+    if list(np.flatnonzero(wrong_rows)) == [0]:
+        return "first"
+    if not wrong_rows[-1] and wrong_rows[:-1].all():
+        return "before_last"
+    return "some_rows"
+
+
+def _heads_where(wrong_heads: np.ndarray, per_group: int) -> str | None:
+    n = len(wrong_heads)
+    if n < 2 or wrong_heads.all():
+        return None
+    if per_group > 1 and n > per_group:
+        by_group = wrong_heads.reshape(-1, per_group)
+        if (by_group.all(axis=1) | ~by_group.any(axis=1)).all():
+            groups = np.flatnonzero(by_group.all(axis=1))
+            return "groups:" + ",".join(map(str, groups))
+    return "heads:" + ",".join(map(str, np.flatnonzero(wrong_heads)))
+
+
+def _channels_where(wrong_channels: np.ndarray, R: int) -> str | None:
+    n = len(wrong_channels)
+    if R == 0 or wrong_channels.all():
+        return None
+    wrong = set(np.flatnonzero(wrong_channels).tolist())
+    rotated, odd, even = set(range(R)), set(range(1, R, 2)), set(range(0, R, 2))
+    if wrong and wrong <= set(range(R, n)):
+        return "passthrough"
+    if wrong == odd:
+        return "odd"
+    if wrong == even:
+        return "even"
+    if wrong and wrong <= rotated and 0 not in wrong and 1 not in wrong:
+        return "later_pairs"
+    if wrong and wrong <= rotated:
+        return "rotated"
+    return None
+
+
+def _where(pairs: list[_Pair]) -> list[str]:
+    """Region keys that hold in every failing case (e.g. ["last"], ["groups:1"], ["odd"])."""
+    found: list[set[str | None]] = []
+    for pair in pairs:
+        wrong, layout = pair.wrong, pair.layout
+        keys = set()
+        for axis, meaning in enumerate(layout.axes):
+            per_index = np.moveaxis(wrong, axis, 0).reshape(wrong.shape[axis], -1).any(axis=1)
+            if meaning in ("token", "row"):
+                keys.add(_rows_where(per_index, len(per_index), layout.new_row))
+            elif meaning in ("head", "group"):
+                keys.add(_heads_where(per_index, layout.heads_per_group))
+            elif meaning == "channel":
+                keys.add(_channels_where(per_index, layout.rotary_dims))
+        found.append(keys - {None})
+    common = set.intersection(*found) if found else set()
+    # "groups:1" in one case and "groups:1" in another agree; different groups do not
+    return sorted(common)
+
+
+def _describe_where(key: str, part: str) -> str:
+    of = f" of {part}" if part else ""
+    kind, _, detail = key.partition(":")
+    return {
+        "new": f"only the new row S{of} is wrong (the S cached rows are right)",
+        "cached": f"the cached rows 0..S-1{of} are wrong (the new row S is right)",
+        "last": f"only the last row{of} (the newest token) is wrong; the rows before it are right",
+        "after_first": f"row 0{of} is right but every row after it is wrong",
+        "first": f"only the first row{of} is wrong",
+        "before_last": f"every row{of} but the last is wrong (the last row is right)",
+        "some_rows": f"only some rows{of} are wrong",
+        "groups": f"every head of kv group {detail} is wrong, the other groups' heads are right",
+        "heads": f"only heads {detail}{of} are wrong",
+        "passthrough": "only the pass-through channels R..Dh-1 are wrong (the rotated ones are "
+        "right)",
+        "odd": "only the second channel of each rotated pair (2i+1) is wrong",
+        "even": "only the first channel of each rotated pair (2i) is wrong",
+        "later_pairs": "pair 0 (channels 0, 1) is right but the later rotated pairs are wrong",
+        "rotated": "only the rotated channels 0..R-1 are wrong (the pass-through channels are "
+        "right)",
+    }[kind]
+
+
+# ------------------------------------------------------------------ how
+
+
+def _fit_factor(got: np.ndarray, expected: np.ndarray) -> float | None:
+    denominator = float(np.sum(expected * expected))
+    if denominator == 0:
+        return None
+    return float(np.sum(got * expected)) / denominator
+
+
+def _named_factor(factors: list[float], layouts: list[Layout]) -> str | None:
+    """A name for per-case factors that are one expression of the case's sizes: 'sqrt(D)'."""
+    candidates: dict[str, list[float]] = {}
+    for layout in layouts:
+        for name, n in layout.sizes.items():
+            for label, value in (
+                (f"{name}", n),
+                (f"1/{name}", 1 / n),
+                (f"sqrt({name})", np.sqrt(n)),
+                (f"1/sqrt({name})", 1 / np.sqrt(n)),
+            ):
+                candidates.setdefault(label, []).append(value)
+    for label, values in candidates.items():
+        if len(values) == len(factors) and np.allclose(factors, values, rtol=2e-3):
+            return label
+    return None
+
+
+def _factor_phrase(factors: list[float], layouts: list[Layout]) -> str | None:
+    if all(abs(c + 1) < 2e-3 for c in factors):
+        return "have the wrong sign (they are −1 × the right values)"
+    if all(abs(c) < 1e-6 or abs(c - 1) < 1e-3 for c in factors):
+        return None
+    name = _named_factor(factors, layouts)
+    if name:
+        if name.startswith("1/"):
+            return f"are divided by {name[2:]} (they are {name} × the right values)"
+        return f"are multiplied by {name} (they are {name} × the right values)"
+    if np.allclose(factors, factors[0], rtol=2e-3):
+        return f"are all {factors[0]:.4g} × the right values (one constant factor)"
+    return "are each case's right values times one constant (a different one per case: " + (
+        ", ".join(f"{c:.3g}" for c in factors[:4]) + ")"
+    )
+
+
+def _rows_vectors(a: np.ndarray) -> np.ndarray:
+    """[T, ...] -> [rows, last]: each row of the last axis (a token's channels, or a token's
+    head's channels) as one vector."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _per_axis_factor(pair: _Pair, axis: int) -> bool:
+    """Whether got = f * expected with one factor f per row (axis 1) or per channel (axis 0) of
+    the [rows, last] view."""
+    got, expected = _rows_vectors(pair.got), _rows_vectors(pair.expected)
+    norms = np.sum(expected * expected, axis=axis, keepdims=True)
+    safe = np.where(norms > 0, norms, 1.0)
+    factors = np.where(norms > 0, np.sum(got * expected, axis=axis, keepdims=True) / safe, 1.0)
+    return bool(pair.near(factors * expected, got).all())
+
+
+def _shift(pair: _Pair, per_row: bool) -> float | None:
+    difference = _rows_vectors(pair.got - pair.expected)
+    if per_row:
+        offsets = difference.mean(axis=1, keepdims=True)
+    else:
+        offsets = np.full((1, 1), difference.mean())
+    expected = _rows_vectors(pair.expected)
+    if not pair.near(expected + offsets, _rows_vectors(pair.got)).all():
+        return None
+    return float(np.abs(offsets).max())
+
+
+def _moved_along(pair: _Pair, axis: int) -> list[int] | None:
+    """Where each slice of got along ``axis`` comes from in expected (index per slice), when every
+    slice equals some slice of expected; None otherwise."""
+    got, expected = np.moveaxis(pair.got, axis, 0), np.moveaxis(pair.expected, axis, 0)
+    n = got.shape[0]
+    if n < 2:
+        return None
+    source = []
+    for i in range(n):
+        if pair.near(got[i], expected[i]).all():
+            source.append(i)
+            continue
+        matches = [j for j in range(n) if pair.near(got[i], expected[j]).all()]
+        if not matches:
+            return None
+        source.append(matches[0])
+    return source
+
+
+def _describe_move(moves: list[list[int]], meaning: str) -> str:
+    """moves: per failing case, got[i] = expected[moves[i]] along the axis ``meaning``."""
+    thing = {"token": "row", "row": "row", "head": "head", "group": "group"}.get(meaning, meaning)
+    shifts = set()
+    for source in moves:
+        n = len(source)
+        deltas = {(s - i) for i, s in enumerate(source)}
+        wrapped = {(s - i) % n for i, s in enumerate(source)}
+        if len(deltas) == 1:
+            shifts.add(deltas.pop())
+        elif len(wrapped) == 1:
+            shifts.add(("wrap", wrapped.pop()))
+        else:
+            shifts.add(None)
+    if len(shifts) == 1 and None not in shifts:
+        (shift,) = shifts
+        k = shift[1] if isinstance(shift, tuple) else shift
+        return (
+            f"the {thing}s are shifted by {k} along that axis: {thing} i holds the right answer "
+            f"of {thing} i{k:+d} (an off-by-one in an index?)"
+        )
+    if all(sorted(s) == list(range(len(s))) for s in moves):
+        if all(s == list(range(len(s)))[::-1] for s in moves):
+            return f"the {thing}s are in reverse order"
+        example = moves[0]
+        return (
+            f"the {thing}s are in another order: {thing} i holds the right answer of {thing} "
+            f"{example} (for i = 0, 1, ...)"
+        )
+    example = moves[0]
+    i = next(i for i, s in enumerate(example) if s != i)
+    return (
+        f"some {thing}s hold the right answer of another {thing} (e.g. {thing} {i} holds "
+        f"{thing} {example[i]}'s): an index picks the wrong {thing}"
+    )
+
+
+def _how(pairs: list[_Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tuple[str, str]:
+    """(a sentence saying how the values are wrong, the finding's key for STEPS)."""
+    # the whole output equals an input, or the answer plus an input
+    for index, (label, _) in enumerate(inputs[0]):
+        same = [i[index][1] for i in inputs if index < len(i)]
+        if len(same) != len(pairs):
+            continue
+        if all(a.shape == p.got.shape and p.near(p.got, a).all() for a, p in zip(same, pairs)):
+            return f"your output equals {label}: the step changes nothing", "input"
+        if all(
+            a.shape == p.got.shape and p.near(p.got, p.expected + a).all()
+            for a, p in zip(same, pairs)
+        ):
+            return f"your output is the right answer plus {label} (an extra residual)", (
+                "input_added"
+            )
+        if all(
+            a.shape == p.got.shape and p.near(p.got, p.expected - a).all()
+            for a, p in zip(same, pairs)
+        ):
+            return f"your output is the right answer minus {label} (a missing residual)", (
+                "input_missing"
+            )
+    relative = max(
+        float(np.abs(p.got - p.expected).max() / (np.abs(p.expected).max() or 1.0)) for p in pairs
+    )
+    if relative < 1e-2:
+        return (
+            f"the values are right to about {relative:.1g} of their size but not closer: a "
+            "precision slip (float16 somewhere, or a step rounded too early)",
+            "precision",
+        )
+    wrong_got = [p.got[p.wrong] for p in pairs]
+    if all(g.size and (g == 0).all() for g in wrong_got):
+        return "the wrong values are all 0: they are never filled in", "zero"
+    factors = [_fit_factor(p.got, p.expected) for p in pairs]
+    if None not in factors and all(
+        p.near(c * p.expected, p.got).all() for c, p in zip(factors, pairs)
+    ):
+        phrase = _factor_phrase(factors, [p.layout for p in pairs])
+        if phrase:
+            key = "sign" if "wrong sign" in phrase else "scale"
+            return f"the values {phrase}", key
+    if all(_per_axis_factor(p, axis=1) for p in pairs):
+        return (
+            "each row is the right row times its own factor (the direction of every row is "
+            "right, its size is not): a per-row normalisation is off",
+            "row_scale",
+        )
+    if all(_per_axis_factor(p, axis=0) for p in pairs):
+        return (
+            "each channel is the right channel times its own factor: a per-channel weight is "
+            "applied wrongly or not at all",
+            "channel_scale",
+        )
+    shifts = [_shift(p, per_row=False) for p in pairs]
+    if None not in shifts:
+        return f"every value is shifted by the same constant (up to {max(shifts):.3g})", "shift"
+    shifts = [_shift(p, per_row=True) for p in pairs]
+    if None not in shifts:
+        return "each row is the right row plus its own constant (a per-row shift)", "row_shift"
+    for axis, meaning in enumerate(pairs[0].layout.axes):
+        moves = [_moved_along(p, axis) for p in pairs]
+        if all(m is not None for m in moves) and any(m != list(range(len(m))) for m in moves):
+            key = "heads" if meaning in ("head", "group") else "rows"
+            return _describe_move(moves, meaning), key
+    if all(
+        np.allclose(np.sort(p.got, axis=None), np.sort(p.expected, axis=None), rtol=1e-3, atol=1e-5)
+        for p in pairs
+    ):
+        return (
+            "your output holds exactly the right numbers, in the wrong places: a reshape where "
+            "a transpose was needed, or axes in the wrong order",
+            "layout",
+        )
+    return f"the error is large (up to {relative:.0%} of the values' size)", "default"
+
+
+# ------------------------------------------------------------------ which cases fail
+
+
+def _cases_where(name: str, case_list: Sequence[Case], failing: list[bool]) -> str | None:
+    """'it fails only on ...' when the failing cases are exactly those with one property."""
+    if all(failing) or not any(failing):
+        return None
+    properties = _case_properties(name, case_list)
+    for phrase, has in properties:
+        if list(has) == failing:
+            return f"it fails only on the cases where {phrase} (the others pass)"
+    return None
+
+
+def _case_properties(name: str, case_list: Sequence[Case]) -> list[tuple[str, list[bool]]]:
+    args = [c.args for c in case_list]
+    if name == "attention":
+        return [
+            ("heads share kv groups (G < H)", [a[1].shape[1] < a[0].shape[1] for a in args]),
+            ("keys come before the queries (T < S)", [a[0].shape[0] < a[1].shape[0] for a in args]),
+            ("there are several queries (T > 1)", [a[0].shape[0] > 1 for a in args]),
+            ("several kv groups (G > 1)", [a[1].shape[1] > 1 for a in args]),
+        ]
+    if name == "kv_cache_step":
+        return [
+            ("the cache is not empty (S > 0)", [a[3].shape[0] > 0 for a in args]),
+            ("heads share kv groups (G < H)", [a[1].shape[1] < a[0].shape[1] for a in args]),
+        ]
+    if name == "rotary":
+        return [
+            (
+                "the positions are not 0..T-1",
+                [not np.array_equal(a[1], np.arange(len(a[1]))) for a in args],
+            ),
+            ("there are several heads (N > 1)", [a[0].shape[1] > 1 for a in args]),
+        ]
+    if name == "block":
+        return [
+            (
+                "both halves are on (self_attention.dense and mlp.dense_4h_to_h both non-zero)",
+                [not c.tags & {"mlp_only", "attention_only"} for c in case_list],
+            ),
+            ("heads share kv groups", [a[3] > a[4] for a in args]),
+        ]
+    if name == "embedding":
+        return [("an id repeats", [len(set(a[0].tolist())) < len(a[0]) for a in args])]
+    return []
+
+
+_CASE_STEP = {
+    ("attention", "heads share kv groups (G < H)"): "heads",
+    ("kv_cache_step", "heads share kv groups (G < H)"): "heads",
+    ("attention", "keys come before the queries (T < S)"): "after_first",
+    ("block", "both halves are on (self_attention.dense and mlp.dense_4h_to_h both non-zero)"): (
+        "both_halves"
+    ),
+    ("rotary", "the positions are not 0..T-1"): "cases",
+}
+
+
+# ------------------------------------------------------------------ attention: the scores' scale
+
+
+def _score_scale(name: str, pairs: list[_Pair], part: str) -> str | None:
+    """attention / kv out: the output equals attention with the scores multiplied by a factor
+    named by the case's sizes (1/sqrt(H·Dh), 1/Dh, ...)."""
+    if name not in ("attention", "kv_cache_step") or part not in ("", "out"):
+        return None
+    from glm_numpy import layers
+    from glm_numpy.exercises import references
+
+    def attention_with(args, factor):
+        if name == "attention":
+            q, k, v = args
+        else:  # the reference's decode step, with a scaled query
+            q0, k0, v0, cache_k, cache_v = args
+            S = cache_k.shape[0]
+            cos, sin = layers.rotary_table(np.array([S]), q0.shape[-1] // 2)
+            q = layers.apply_rotary(q0, cos, sin)
+            k = np.concatenate([cache_k, layers.apply_rotary(k0, cos, sin)])
+            v = np.concatenate([cache_v, v0])
+        return references.attention((q * np.float32(factor)).astype(np.float32), k, v)
+
+    for label in pairs[0].layout.sizes:
+        for how, scale in (("n", lambda n: n), ("sqrt", np.sqrt)):
+            for invert in (False, True):
+                factors = []
+                for p in pairs:
+                    n = p.layout.sizes.get(label)
+                    Dh = p.layout.sizes["Dh"]
+                    # the reference divides by sqrt(Dh); the student's scores carry `wanted`
+                    wanted = 1 / scale(n) if invert else scale(n)
+                    factors.append(wanted * np.sqrt(Dh))
+                if all(abs(f - 1) < 1e-6 for f in factors):
+                    continue
+                with np.errstate(all="ignore"):
+                    fits = all(
+                        p.near(attention_with(p.case.args, f), p.got).all()
+                        for f, p in zip(factors, pairs)
+                    )
+                if fits:
+                    size = f"sqrt({label})" if how == "sqrt" else label
+                    scaled = f"divided by {size}" if invert else f"multiplied by {size}"
+                    return (
+                        f"your output equals attention with the scores q·k {scaled} instead of "
+                        "divided by sqrt(Dh)"
+                    )
+    return None
+
+
+# ------------------------------------------------------------------ embedding: which rows
+
+
+def _embedding_rows(pairs: list[_Pair]) -> str | None:
+    """Each output row is some row of the table: say which ids were really looked up."""
+    offsets = set()
+    for p in pairs:
+        ids, table = p.case.args
+        table64 = table.astype(np.float64)
+        for t, row in enumerate(p.got):
+            matches = np.flatnonzero(p.near(row[None, :], table64).all(axis=1))
+            if len(matches) == 0:
+                return None
+            V = table.shape[0]
+            offset = (int(matches[0]) - int(ids[t])) % V  # id -1 wraps to the last row
+            offsets.add(offset if offset <= V // 2 else offset - V)
+    if offsets == {0}:
+        return None
+    if len(offsets) == 1:
+        (k,) = offsets
+        return (
+            f"every row is a row of the table, but row ids[t]{k:+d} instead of row ids[t] (ids "
+            "count from 0, and index the rows directly)"
+        )
+    return (
+        "every row is a row of the table, but not row ids[t]: the rows are taken in another "
+        "order or for other ids (out[t] = table[ids[t]], in the order of ids)"
+    )
+
+
+# ------------------------------------------------------------------ the analysis of arrays
+
+
+def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str | None:
+    output = exercise.output
+    names = output.names if isinstance(output, ArraysOutput) else ("",)
+    answered = [
+        (case, expected[i], outcomes[i].value)
+        for i, case in enumerate(case_list[: len(outcomes)])
+        if outcomes[i].kind == "value"
+    ]
+    if not answered:
+        return None
+    findings = []
+    # which part of a tuple output is wrong (kv_cache_step: out, cache_k, cache_v)
+    failing_parts = []
+    for index, part in enumerate(names):
+        pairs, failing_cases = [], []
+        for case, right, got in answered:
+            e = right[index] if part else right
+            g = _part(got, index) if part else got
+            comparable = isinstance(g, np.ndarray) and g.shape == e.shape and g.dtype.kind in "fiub"
+            if not comparable:
+                return None  # shapes and types are the compare step's job
+            e64, g64 = e.astype(np.float64), g.astype(np.float64)
+            if not (np.isfinite(g64).all() and np.isfinite(e64).all()):
+                return None
+            if output.close(right, got) if not part else _part_close(output, index, e, g):
+                failing_cases.append(False)
+                continue
+            failing_cases.append(True)
+            pairs.append(
+                _Pair(
+                    case,
+                    e64,
+                    g64,
+                    _layout(exercise.name, part, case.args),
+                    output.atol,
+                    output.rtol,
+                )
+            )
+        if pairs:
+            failing_parts.append((part, pairs, failing_cases))
+    if not failing_parts:
+        return None
+    steps = STEPS.get(exercise.name, {})
+    if len(names) > 1:
+        wrong = [part for part, _, _ in failing_parts]
+        right = [n for n in names if n not in wrong]
+        sentence = f"{' and '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} wrong"
+        if right:
+            sentence += f" ({' and '.join(right)} {'is' if len(right) == 1 else 'are'} right)"
+        findings.append(sentence)
+        if wrong == ["out"] and "out" in steps:
+            findings.append(steps["out"])
+    # a wrong cache explains a wrong out (out is computed from it), so look at the caches first
+    failing_parts.sort(key=lambda found: found[0] == "out")
+    part, pairs, failing_cases = failing_parts[0]
+    step_keys = []
+    across = _cases_where(exercise.name, case_list[: len(failing_cases)], failing_cases)
+    if across:
+        findings.append(across)
+        phrase = across.split("where ", 1)[1].split(" (the others")[0]
+        step_keys.append(_CASE_STEP.get((exercise.name, phrase), ""))
+    where = _where(pairs)
+    for key in where:
+        findings.append(_describe_where(key, part))
+        step_keys.append(key.partition(":")[0])
+    special = None
+    if exercise.name == "embedding":
+        special = _embedding_rows(pairs)
+        if special:
+            step_keys.append("rows")
+    if special is None:
+        special = _score_scale(exercise.name, pairs, part)
+        if special:
+            step_keys.append("scores")
+    if special:
+        findings.append(special)
+    else:
+        inputs = [_inputs(exercise.name, p.case.args, p.case.names) for p in pairs]
+        how, key = _how(pairs, inputs)
+        findings.append(how)
+        step_keys.append(key)
+    step = next((steps[k] for k in step_keys if k in steps), None)
+    if step is None:
+        step = steps.get("default", _GENERIC_STEP.format(signature=signature))
+    findings.append(step)
+    text = "; ".join(findings)
+    return text[0].upper() + text[1:]
+
+
+def returned_input(exercise, case: Case, got) -> str | None:
+    """When an output (or one part of a tuple output) is an input returned unchanged, whatever
+    its shape: 'the returned cache_k is the input cache_k, unchanged'."""
+    output = exercise.output
+    names = output.names if isinstance(output, ArraysOutput) else ("",)
+    for index, part in enumerate(names):
+        value = _part(got, index) if part else got
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+            continue
+        for name, given in zip(case.names, case.args):
+            same = (
+                isinstance(given, np.ndarray)
+                and given.shape == value.shape
+                and given.size > 0
+                and np.array_equal(given, value)
+            )
+            if same:
+                what = f"the returned {part}" if part else "your output"
+                hint = f"{what} is the input {name}, unchanged"
+                if part.startswith("cache"):
+                    hint += ": append the new token's row (the rotated key, the value) to it"
+                return hint
+    return None
+
+
+def _part(value, index):
+    if isinstance(value, (tuple, list)) and len(value) > index:
+        return value[index]
+    return None
+
+
+def _part_close(output: ArraysOutput, index: int, e, g) -> bool:
+    return output._parts()[index].close(e, g)
+
+
+# ------------------------------------------------------------------ top_p: the set
+
+
+def _set_hint(case_list, outcomes, expected) -> str | None:
+    """Compare the kept set with the probability order of each failing case."""
+    notes = []
+    for i, case in enumerate(case_list[: len(outcomes)]):
+        if outcomes[i].kind != "value":
+            continue
+        got = _as_id_set(outcomes[i].value)
+        if got is None:
+            return None
+        if got == expected[i]:
+            continue
+        logits, p = case.args
+        probs = softmax_1d(logits)
+        order = np.argsort(-logits, kind="stable")  # most likely first
+        rank = {int(t): r for r, t in enumerate(order)}
+        n = len(expected[i])
+        ranks = sorted(rank[t] for t in got if t in rank)
+        outside = sorted(t for t in got if t not in rank)
+        notes.append((case, got, n, ranks, outside, probs, order, p))
+    if not notes:
+        return None
+    case, got, n, ranks, outside, probs, order, p = notes[0]
+    label = f"on case “{case.label}”"
+    if outside:
+        return (
+            f"{label} you keep ids {outside[:5]} that are not token ids (0..V-1): return the "
+            "ids of the kept tokens"
+        )
+    if not got:
+        return f"{label} you keep no token: top-p always keeps at least the most likely one"
+    if all(set(g) == set(range(len(g))) for _, g, *_ in notes) and any(
+        set(order[: len(g)].tolist()) != set(g) for _, g, *_ in notes
+    ):
+        return (
+            "the ids you keep are always 0, 1, 2, ...: positions in the sorted order, not token "
+            "ids — keep order[:n], the ids of the n most likely tokens"
+        )
+    kept_mass = float(sum(probs[order[r]] for r in ranks))
+    if ranks == list(range(len(ranks))):  # a prefix of the probability order: the count is off
+        m = len(ranks)
+        if m == n - 1:
+            where = (
+                "the boundary token (the one whose probability makes the total reach p) is missing"
+            )
+        elif m == n + 1:
+            where = "one token past the boundary is kept: the total had already reached p"
+        elif m > n:
+            where = f"{m - n} tokens past the boundary are kept (the tail)"
+        else:
+            where = f"{n - m} of the most likely tokens up to the boundary are missing"
+        if m < n and kept_mass < p:
+            rule = (
+                f"your tokens add up to only {kept_mass:.4g} < p, yet you stopped: either the "
+                "stop comes too early or the numbers you add are not the probabilities "
+                "softmax(logits) (they must add up to 1 over the whole vocabulary)"
+            )
+        else:
+            rule = (
+                f"your tokens add up to {kept_mass:.4g}. Re-read the stopping rule: keep "
+                "tokens, most likely first, up to and including the one that makes the running "
+                "total reach p"
+            )
+        return (
+            f"{label} you keep the {m} most likely tokens (the right order) but the smallest "
+            f"set reaching p = {p:g} has {n}: {where}; {rule}"
+        )
+    right = set(range(n))
+    missing = sorted(right - set(ranks))
+    extra = sorted(set(ranks) - right)
+    tail = [r for r in extra if r >= len(order) // 2]
+    return (
+        f"{label} your set is not the most likely tokens: it misses the tokens ranked "
+        f"{missing[:6]} by probability (0 = most likely) and keeps tokens ranked {extra[:6]}"
+        + (" from the tail" if tail else "")
+        + f"; your tokens add up to {kept_mass:.4g}. Re-read the order: sort by probability, "
+        "most likely first, and take ids from that order"
+    )
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def structural_hint(
+    exercise, case_list: Sequence[Case], outcomes: Sequence, expected: Sequence
+) -> str | None:
+    """Where and how the student's outputs are wrong, or None when they cannot be analysed.
+    ``expected`` holds the right answer of every case."""
+    try:
+        with np.errstate(all="ignore"):
+            if isinstance(exercise.output, IdSetOutput):
+                return _set_hint(case_list, outcomes, expected)
+            return _array_hint(exercise, case_list, outcomes, expected, exercise.signature)
+    except Exception:  # an output too strange to analyse must not break the check
+        return None
