@@ -25,10 +25,11 @@ R rotary dims (Dh/2) · F ffn · V vocab.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from glm_numpy.exercises import references
 from glm_numpy.exercises.cases import Case
 from glm_numpy.exercises.compare import ArraysOutput, IdSetOutput, _as_id_set
 from glm_numpy.generation import softmax as softmax_1d
@@ -112,6 +113,11 @@ STEPS: dict[str, dict[str, str]] = {
         "row_shift": "RMSNorm subtracts nothing and adds nothing: x / sqrt(mean(x²) + eps) * "
         "weight",
         "precision": "compute in float32 (float16 loses the small squares)",
+        "input_added": "re-read the last step: the weight multiplies the normalised x, it is not "
+        "added",
+        "input_multiplied": "re-read the last step: multiply by weight once",
+        "input_added_not_multiplied": "re-read the last step: y = x / sqrt(mean(x²) + eps) * "
+        "weight",
         "default": "re-read y = x / sqrt(mean(x²) + eps) * weight step by step: the mean of the "
         "squares over each row, eps inside the root, a division, then the weight multiplied",
     },
@@ -125,6 +131,10 @@ STEPS: dict[str, dict[str, str]] = {
         "later_pairs": "re-read the frequencies θᵢ = 10000^(-2i/R): pair 0 turns by the "
         "position itself, later pairs slower",
         "cases": "re-read how the angle is built from positions[t] (not from t)",
+        "sign": "re-read out[2i] = x[2i]·cos − x[2i+1]·sin: the minus goes with sin in the first "
+        "channel of the pair",
+        "angle": "re-read the angle of pair i at position p: p·θᵢ with θᵢ = 10000^(-2i/R), and "
+        "which of cos and sin goes where",
         "heads": "every head turns by the same angles: broadcast cos/sin over the head axis",
         "default": "re-read the rotation of the pairs (2i, 2i+1) with angle positions[t]·θᵢ, "
         "θᵢ = 10000^(-2i/R)",
@@ -142,12 +152,17 @@ STEPS: dict[str, dict[str, str]] = {
         "layout": "re-read how the heads are laid out: the output is [T, H, Dh] (transpose "
         "[H, T, Dh] with np.transpose / einsum, a reshape does not move the axes)",
         "precision": "keep the scores in float32: float16 cannot hold large scores precisely",
+        "one_key": "re-read the causal mask: query t (at position S - T + t) sees keys 0..S-T+t",
         "default": "re-read the steps in order on the failing case: scores q·k / sqrt(Dh) for "
         "each head with its group h // (H/G), the causal mask, a softmax over the key axis "
         "(each query's row adds up to 1), then the weighted sum of the values v",
     },
     "swiglu": {
-        "input_added": "the residual x + MLP(x) belongs to the block, not to swiglu",
+        "input_added": "the residual x + MLP(x) belongs to the block, not to swiglu (add nothing)",
+        "down": "re-read the last step: multiply by w_4h_to_h.T ([F, D]), nothing after it",
+        "combine": "re-read the middle step: silu(gate) * up, gate the first F channels",
+        "activation": "re-read silu(z) = z * sigmoid(z) = z / (1 + exp(-z)): not GELU, not "
+        "sigmoid alone",
         "default": "re-read out = (silu(gate) * up) @ w_4h_to_h.T with silu(z) = z·sigmoid(z), "
         "gate the first F channels of x @ w_h_to_4h.T and up the second F",
     },
@@ -185,6 +200,10 @@ STEPS: dict[str, dict[str, str]] = {
         "groups": "re-read which kv group each head uses: head h reads group h // (H/G)",
         "scores": "re-read the scaling of the scores: q·k / sqrt(Dh), before the softmax",
         "precision": "keep the attention in float32",
+        "one_key": "the new token is the LAST position: it sees every one of the S + 1 keys, so "
+        "no mask is needed (a mask built for T = S hides all but key 0)",
+        "position": "re-read step 1: the new token sits at position S, the number of tokens "
+        "already cached (positions count from 0); q and k both turn there",
         "default": "re-read the four steps: position S, rotate q and k there, append the rotated "
         "k and the unrotated v, attend over all S + 1 rows",
     },
@@ -225,16 +244,23 @@ class _Pair:
 # ------------------------------------------------------------------ where
 
 
+# Each *_where gives a region key, None when the whole axis is wrong (or no pattern), or ANY
+# when the axis has a single index and so says nothing (it agrees with every other case).
+ANY = "*"
+
+
 def _rows_where(wrong_rows: np.ndarray, n: int, new_row: int) -> str | None:
+    if n == 1:
+        return ANY
     if new_row >= 0:  # a cache: the first rows were given, one is appended
-        if n == 1 or wrong_rows.all():
+        if wrong_rows.all():
             return None
         if list(np.flatnonzero(wrong_rows)) == [new_row]:
             return "new"
         if not wrong_rows[new_row]:
             return "cached"
         return None
-    if n < 2 or wrong_rows.all():
+    if wrong_rows.all():
         return None
     if list(np.flatnonzero(wrong_rows)) == [n - 1]:
         return "last"
@@ -249,7 +275,9 @@ def _rows_where(wrong_rows: np.ndarray, n: int, new_row: int) -> str | None:
 
 def _heads_where(wrong_heads: np.ndarray, per_group: int) -> str | None:
     n = len(wrong_heads)
-    if n < 2 or wrong_heads.all():
+    if n < 2:
+        return ANY
+    if wrong_heads.all():
         return None
     if per_group > 1 and n > per_group:
         by_group = wrong_heads.reshape(-1, per_group)
@@ -267,9 +295,9 @@ def _channels_where(wrong_channels: np.ndarray, R: int) -> str | None:
     rotated, odd, even = set(range(R)), set(range(1, R, 2)), set(range(0, R, 2))
     if wrong and wrong <= set(range(R, n)):
         return "passthrough"
-    if wrong == odd:
+    if wrong and wrong <= odd:
         return "odd"
-    if wrong == even:
+    if wrong and wrong <= even:
         return "even"
     if wrong and wrong <= rotated and 0 not in wrong and 1 not in wrong:
         return "later_pairs"
@@ -279,23 +307,35 @@ def _channels_where(wrong_channels: np.ndarray, R: int) -> str | None:
 
 
 def _where(pairs: list[_Pair]) -> list[str]:
-    """Region keys that hold in every failing case (e.g. ["last"], ["groups:1"], ["odd"])."""
-    found: list[set[str | None]] = []
+    """Region keys that hold in every failing case, e.g. ["last"], ["groups:1"], ["odd"] (the
+    detail after ':' is the first case's)."""
+    common: dict[tuple[int, str], str] | None = None
     for pair in pairs:
         wrong, layout = pair.wrong, pair.layout
-        keys = set()
+        keys = {}
         for axis, meaning in enumerate(layout.axes):
             per_index = np.moveaxis(wrong, axis, 0).reshape(wrong.shape[axis], -1).any(axis=1)
             if meaning in ("token", "row"):
-                keys.add(_rows_where(per_index, len(per_index), layout.new_row))
+                key = _rows_where(per_index, len(per_index), layout.new_row)
             elif meaning in ("head", "group"):
-                keys.add(_heads_where(per_index, layout.heads_per_group))
+                key = _heads_where(per_index, layout.heads_per_group)
             elif meaning == "channel":
-                keys.add(_channels_where(per_index, layout.rotary_dims))
-        found.append(keys - {None})
-    common = set.intersection(*found) if found else set()
-    # "groups:1" in one case and "groups:1" in another agree; different groups do not
-    return sorted(common)
+                key = _channels_where(per_index, layout.rotary_dims)
+            else:
+                key = None
+            if key is not None:
+                keys[axis, key.partition(":")[0]] = key
+        if common is None:
+            common = keys
+            continue
+        agreed = {}
+        for (axis, kind), key in common.items():
+            if (axis, kind) in keys or (axis, ANY) in keys:
+                agreed[axis, kind] = key if kind != ANY else keys.get((axis, kind), key)
+            elif kind == ANY:  # the earlier cases said nothing about this axis: take this one's
+                agreed.update({k: v for k, v in keys.items() if k[0] == axis})
+        common = agreed
+    return [key for (_, kind), key in sorted((common or {}).items()) if kind != ANY]
 
 
 def _describe_where(key: str, part: str) -> str:
@@ -322,6 +362,18 @@ def _describe_where(key: str, part: str) -> str:
 
 
 # ------------------------------------------------------------------ how
+
+
+def _fits(got: np.ndarray, given: np.ndarray, relation, pair: _Pair) -> bool:
+    """Whether got = relation(expected, given), with ``given`` broadcast to the output (a [D]
+    weight against a [T, D] output)."""
+    try:
+        given = np.broadcast_to(given.astype(np.float64), got.shape)
+    except ValueError:
+        return False
+    if given.ndim == 0:
+        return False
+    return bool(pair.near(got, relation(pair.expected, given)).all())
 
 
 def _fit_factor(got: np.ndarray, expected: np.ndarray) -> float | None:
@@ -457,25 +509,28 @@ def _how(pairs: list[_Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tupl
         same = [i[index][1] for i in inputs if index < len(i)]
         if len(same) != len(pairs):
             continue
-        if all(a.shape == p.got.shape and p.near(p.got, a).all() for a, p in zip(same, pairs)):
+
+        def holds(relation, same=same):
+            return all(_fits(p.got, a, relation, p) for a, p in zip(same, pairs))
+
+        if holds(lambda e, a: a):
             return f"your output equals {label}: the step changes nothing", "input"
-        if all(
-            a.shape == p.got.shape and p.near(p.got, p.expected + a).all()
-            for a, p in zip(same, pairs)
-        ):
-            return f"your output is the right answer plus {label} (an extra residual)", (
-                "input_added"
-            )
-        if all(
-            a.shape == p.got.shape and p.near(p.got, p.expected - a).all()
-            for a, p in zip(same, pairs)
-        ):
-            return f"your output is the right answer minus {label} (a missing residual)", (
+        if holds(lambda e, a: e + a):
+            return f"your output is the right answer plus {label}", "input_added"
+        if holds(lambda e, a: e - a):
+            return f"your output is the right answer minus {label} (a missing residual?)", (
                 "input_missing"
             )
-    relative = max(
+        if holds(lambda e, a: np.divide(e, a, out=np.full_like(e, np.nan), where=a != 0) + a):
+            return f"{label} is added where it should multiply", "input_added_not_multiplied"
+        if holds(lambda e, a: e * a):
+            return f"your output is the right answer multiplied by {label} once more", (
+                "input_multiplied"
+            )
+    errors = sorted(
         float(np.abs(p.got - p.expected).max() / (np.abs(p.expected).max() or 1.0)) for p in pairs
     )
+    relative = errors[(len(errors) - 1) // 2]  # the median case: one extreme case may be worse
     if relative < 1e-2:
         return (
             f"the values are right to about {relative:.1g} of their size but not closer: a "
@@ -588,60 +643,296 @@ _CASE_STEP = {
 }
 
 
-# ------------------------------------------------------------------ attention: the scores' scale
+# ------------------------------------------------------------------ probes: the right layer, one
+# thing changed in a structural way (an input in another's place, the scores' scale, the rotation
+# angle, the activation, the position). Each takes the failing pairs of one output part and gives
+# (finding, key of STEPS) or None.
 
 
-def _score_scale(name: str, pairs: list[_Pair], part: str) -> str | None:
-    """attention / kv out: the output equals attention with the scores multiplied by a factor
-    named by the case's sizes (1/sqrt(H·Dh), 1/Dh, ...)."""
-    if name not in ("attention", "kv_cache_step") or part not in ("", "out"):
-        return None
-    from glm_numpy import layers
-    from glm_numpy.exercises import references
+def _all_near(pairs: list[_Pair], make: Callable[[_Pair], np.ndarray | None]) -> bool:
+    for pair in pairs:
+        try:
+            candidate = make(pair)
+        except Exception:  # a variant that cannot run on this case explains nothing
+            return False
+        if candidate is None:
+            return False
+        candidate = np.asarray(candidate, dtype=np.float64)
+        if candidate.shape != pair.got.shape or not pair.near(candidate, pair.got).all():
+            return False
+    return True
 
-    def attention_with(args, factor):
-        if name == "attention":
-            q, k, v = args
-        else:  # the reference's decode step, with a scaled query
-            q0, k0, v0, cache_k, cache_v = args
-            S = cache_k.shape[0]
-            cos, sin = layers.rotary_table(np.array([S]), q0.shape[-1] // 2)
-            q = layers.apply_rotary(q0, cos, sin)
-            k = np.concatenate([cache_k, layers.apply_rotary(k0, cos, sin)])
-            v = np.concatenate([cache_v, v0])
-        return references.attention((q * np.float32(factor)).astype(np.float32), k, v)
 
-    for label in pairs[0].layout.sizes:
-        for how, scale in (("n", lambda n: n), ("sqrt", np.sqrt)):
-            for invert in (False, True):
-                factors = []
-                for p in pairs:
-                    n = p.layout.sizes.get(label)
-                    Dh = p.layout.sizes["Dh"]
-                    # the reference divides by sqrt(Dh); the student's scores carry `wanted`
-                    wanted = 1 / scale(n) if invert else scale(n)
-                    factors.append(wanted * np.sqrt(Dh))
-                if all(abs(f - 1) < 1e-6 for f in factors):
-                    continue
-                with np.errstate(all="ignore"):
-                    fits = all(
-                        p.near(attention_with(p.case.args, f), p.got).all()
-                        for f, p in zip(factors, pairs)
-                    )
-                if fits:
-                    size = f"sqrt({label})" if how == "sqrt" else label
-                    scaled = f"divided by {size}" if invert else f"multiplied by {size}"
-                    return (
-                        f"your output equals attention with the scores q·k {scaled} instead of "
-                        "divided by sqrt(Dh)"
-                    )
+def _probe_inputs_swapped(exercise, pairs: list[_Pair], part: str):
+    """The right function given one input where another belongs (k for v, x for weight…)."""
+    case = pairs[0].case
+    arrays = [i for i, a in enumerate(case.args) if isinstance(a, np.ndarray) and a.ndim > 0]
+    index = exercise.output.names.index(part) if part else None
+
+    def run(pair, i, j, exchange):
+        args = list(pair.case.args)
+        if args[i].shape != args[j].shape:
+            return None
+        args[j], args[i] = args[i], (args[j] if exchange else args[i])
+        out = exercise.reference(*args)
+        return out[index] if part else out
+
+    for i in arrays:
+        for j in arrays:
+            if i == j:
+                continue
+            a, b = case.names[i], case.names[j]
+            if i < j and _all_near(pairs, lambda p, i=i, j=j: run(p, i, j, True)):
+                return f"your output is the right answer with {a} and {b} exchanged", "swapped"
+            if _all_near(pairs, lambda p, i=i, j=j: run(p, i, j, False)):
+                return f"your output is the right answer computed with {a} where {b} belongs", (
+                    "swapped"
+                )
     return None
 
 
-# ------------------------------------------------------------------ embedding: which rows
+def _decode_parts(args, query_shift=0, key_shift=0, score_factor=1.0):
+    """The reference decode step with the query / the new key rotated `shift` positions away
+    from S and the scores multiplied by `score_factor` -> (out, cache_k, cache_v)."""
+    q, k, v, cache_k, cache_v = args
+    S, _, Dh = cache_k.shape
+    q = references.rotary(q, np.array([S + query_shift]))
+    keys = np.concatenate([cache_k, references.rotary(k, np.array([S + key_shift]))])
+    values = np.concatenate([cache_v, v])
+    out = references.attention((q * np.float32(score_factor)).astype(np.float32), keys, values)
+    return out, keys, values
 
 
-def _embedding_rows(pairs: list[_Pair]) -> str | None:
+def _probe_score_scale(exercise, pairs: list[_Pair], part: str):
+    """attention / kv out: attention with the scores scaled by another size (1/sqrt(H·Dh),
+    1/Dh, not at all), possibly with the output multiplied by a factor too."""
+    if part not in ("", "out"):
+        return None
+
+    def attention_with(args, factor):
+        if exercise.name == "attention":
+            q, k, v = args
+            return references.attention((q * np.float32(factor)).astype(np.float32), k, v)
+        return _decode_parts(args, score_factor=factor)[0]
+
+    options = [("not scaled", lambda sizes: 1.0)]
+    for label in pairs[0].layout.sizes:
+        for shown, scale in ((label, float), (f"sqrt({label})", np.sqrt)):
+            options.append((f"divided by {shown}", lambda sz, lb=label, f=scale: 1 / f(sz[lb])))
+            options.append((f"multiplied by {shown}", lambda sz, lb=label, f=scale: f(sz[lb])))
+    for said, wanted in options:
+        # the reference divides by sqrt(Dh): multiplying q by wanted·sqrt(Dh) gives `wanted`
+        factors = [wanted(p.layout.sizes) * np.sqrt(p.layout.sizes["Dh"]) for p in pairs]
+        if all(abs(f - 1) < 1e-6 for f in factors):
+            continue
+        variants = [attention_with(p.case.args, f) for f, p in zip(factors, pairs)]
+        if all(p.near(v, p.got).all() for v, p in zip(variants, pairs)):
+            return (
+                f"your output equals attention with the scores q·k {said} instead of divided "
+                "by sqrt(Dh)",
+                "scores",
+            )
+        outputs = [_fit_factor(p.got, v.astype(np.float64)) for v, p in zip(variants, pairs)]
+        if None in outputs or not all(
+            p.near(c * v, p.got).all() for c, v, p in zip(outputs, variants, pairs)
+        ):
+            continue
+        named = _named_factor(outputs, [p.layout for p in pairs])
+        times = f"× {named}" if named else f"× {outputs[0]:.3g}"
+        return (
+            f"your output equals attention with the scores q·k {said}, then the result {times}: "
+            "the only scale is 1/sqrt(Dh), on the scores, before the softmax",
+            "scores",
+        )
+    return None
+
+
+def _probe_attention_weights(exercise, pairs: list[_Pair], part: str):
+    """attention / kv out: each query's output is one key's value (all the weight on one key) or
+    the plain mean of the values (all keys weighted alike)."""
+    if part not in ("", "out"):
+        return None
+    picks, uniform = set(), []
+    for pair in pairs:
+        args = pair.case.args
+        q = args[0]
+        if exercise.name == "attention":
+            values = args[2]
+        else:
+            values = np.concatenate([args[4], args[2]])  # [S+1, G, Dh]
+        T, H = q.shape[:2]
+        S, G = values.shape[:2]
+        per_head = values.astype(np.float64)[:, np.arange(H) // (H // G)]  # [S, H, Dh]
+        seen_mean = np.empty_like(pair.got)
+        for t in range(T):
+            position = S - T + t
+            seen_mean[t] = per_head[: position + 1].mean(axis=0)
+            for h in range(H):
+                hits = [s for s in range(S) if pair.near(pair.got[t, h], per_head[s, h]).all()]
+                if not hits:
+                    picks.add(None)
+                elif hits[0] == 0 and position > 0:
+                    picks.add("key 0, the first position")
+                elif hits[0] == position:
+                    picks.add("its own key")
+                else:
+                    picks.add(None)
+        uniform.append(pair.near(pair.got, seen_mean).all())
+    if len(picks) == 1 and None not in picks:
+        (which,) = picks
+        return (
+            f"each query's output is exactly the value of {which}: its softmax puts all the "
+            "weight on that one key (a mask that hides the other keys, or scores that are far "
+            "too large)",
+            "one_key",
+        )
+    if all(uniform):
+        return (
+            "each query's output is the plain mean of the values it may see: every key gets the "
+            "same weight, as if the scores q·k were all equal",
+            "scores",
+        )
+    return None
+
+
+def _probe_rotation(exercise, pairs: list[_Pair], part: str):
+    """rotary: compare each output pair (2i, 2i+1) with the input pair: its length (a rotation
+    keeps it) and the angle it turned by, against positions[t]·θᵢ."""
+    turned, wanted, positions, frequencies = [], [], [], []
+    for pair in pairs:
+        x, given_positions = pair.case.args
+        R = x.shape[-1] // 2
+        x64 = x.astype(np.float64)
+        a, b = x64[..., 0:R:2], x64[..., 1:R:2]  # [T, N, R/2]
+        c, d = pair.got[..., 0:R:2], pair.got[..., 1:R:2]
+        length_in, length_out = np.hypot(a, b), np.hypot(c, d)
+        if not np.allclose(length_in, length_out, rtol=1e-3, atol=1e-4):
+            return (
+                "the rotated pairs change length, so they are not rotated: each output pair "
+                "must be (x[2i]·cos − x[2i+1]·sin, x[2i+1]·cos + x[2i]·sin) of the ORIGINAL "
+                "x[2i], x[2i+1] (a channel overwritten in place before it is read, or cos and "
+                "sin mixed in one formula, changes the length)",
+                "odd",
+            )
+        theta = 10000.0 ** (-np.arange(0, R, 2) / R)  # [R/2]
+        angle = np.arctan2(d, c) - np.arctan2(b, a)  # [T, N, R/2]
+        turned.append(angle[length_in > 1e-3])
+        right = given_positions.astype(np.float64)[:, None, None] * theta  # [T, 1, R/2]
+        wanted.append(np.broadcast_to(right, angle.shape)[length_in > 1e-3])
+        positions.append(np.broadcast_to(given_positions[:, None, None], angle.shape))
+        frequencies.append(np.broadcast_to(theta, angle.shape)[length_in > 1e-3])
+    turned, wanted, theta = (np.concatenate(v) for v in (turned, wanted, frequencies))
+
+    def same_angle(a, b):
+        return bool(np.all(np.abs(np.angle(np.exp(1j * (a - b)))) < 2e-2))
+
+    if same_angle(turned, wanted):  # the pairs are right: the error is elsewhere
+        return None
+    if same_angle(turned, -wanted):
+        return "every pair turns by minus the right angle: the rotation goes the wrong way", "sign"
+    if same_angle(turned, np.pi / 2 - wanted):
+        return (
+            "every pair turns by 90° minus the right angle: cos and sin are exchanged",
+            "rotated",
+        )
+    for shift in (1, -1, 2, -2):
+        if same_angle(turned, wanted + shift * theta):
+            return (
+                f"every pair turns by the angle of position positions[t]{shift:+d}: the "
+                "positions are off by "
+                + ("one" if abs(shift) == 1 else str(abs(shift)))
+                + " (they count from 0 and are used as given)",
+                "cases",
+            )
+    return (
+        "every pair keeps its length (it is a rotation) but turns by the wrong angle",
+        "angle",
+    )
+
+
+def _probe_activation(exercise, pairs: list[_Pair], part: str):
+    """swiglu: recover the [T, F] activation h from out = h @ w_4h_to_h.T (exact while D >= F)
+    and compare it with silu(gate) * up."""
+    found = None
+    samples = []
+    for pair in pairs:
+        x, w_up, w_down = (a.astype(np.float64) for a in pair.case.args)
+        h, *_ = np.linalg.lstsq(w_down, pair.got.T, rcond=None)  # [F, T]
+        h = h.T
+        if not np.allclose(h @ w_down.T, pair.got, rtol=1e-6, atol=1e-6):
+            return None
+        u = x @ w_up.T
+        F = u.shape[1] // 2
+        gate, up = u[:, :F], u[:, F:]
+        silu = gate / (1 + np.exp(-gate))
+        options = [
+            ("h_right", silu * up),
+            ("added", silu + up),
+            ("no_up", silu),
+            ("no_gate", up),
+            ("swapped", up / (1 + np.exp(-up)) * gate),
+        ]
+        which = next((k for k, v in options if np.allclose(h, v, rtol=1e-3, atol=1e-4)), None)
+        if which is None:
+            usable = np.abs(up) > 0.3
+            ratio = np.where(usable, h / np.where(usable, up, 1), np.nan)
+            if not np.allclose(ratio[usable], silu[usable], rtol=1e-3, atol=1e-4):
+                which = "activation"
+                for g, r, s_ in zip(gate[usable], ratio[usable], silu[usable]):
+                    samples.append((g, r, s_))
+            else:
+                which = "other"
+        if found not in (None, which):
+            return None
+        found = which
+    if found == "h_right":
+        return (
+            "silu(gate) * up is right, so the last step is wrong: out = (silu(gate) * up) @ "
+            "w_4h_to_h.T",
+            "down",
+        )
+    if found == "added":
+        return "silu(gate) and up are added; they are multiplied: silu(gate) * up", "combine"
+    if found == "no_up":
+        return "up is not used: the product is silu(gate) * up", "combine"
+    if found == "no_gate":
+        return "the gate is not used: the product is silu(gate) * up", "combine"
+    if found == "swapped":
+        return "silu is applied to up and multiplied by the gate: it is silu(gate) * up", "combine"
+    if found == "activation":
+        samples.sort(key=lambda s: s[0])
+        picked = [samples[0], samples[len(samples) // 2], samples[-1]]
+        shown = "; ".join(f"gate {g:.2f}: yours {r:.3f}, silu {s:.3f}" for g, r, s in picked)
+        return (
+            f"up is multiplied in correctly but the gate's activation is wrong ({shown}): "
+            "silu(z) = z * sigmoid(z) = z / (1 + exp(-z))",
+            "activation",
+        )
+    return None
+
+
+def _probe_decode_positions(exercise, pairs: list[_Pair], part: str):
+    """kv_cache_step: the query or the new key rotated at another position than S, or the new row
+    of a cache holding another input."""
+    if part == "out":
+        for shift in (-1, 1, 2):
+            if _all_near(pairs, lambda p, s=shift: _decode_parts(p.case.args, query_shift=s)[0]):
+                return f"the query is rotated at position S{shift:+d}; it sits at S", "position"
+        return None
+    index = exercise.output.names.index(part)
+    for shift in (-1, 1, 2):
+        if _all_near(pairs, lambda p, s=shift: _decode_parts(p.case.args, key_shift=s)[index]):
+            return f"the new key is rotated at position S{shift:+d}; it sits at S", "position"
+    for name, position in zip(pairs[0].case.names, range(3)):
+        if _all_near(
+            pairs,
+            lambda p, i=position: np.concatenate([p.case.args[3 + index - 1], p.case.args[i]]),
+        ):
+            return f"the new row of {part} is the input {name}", "new"
+    return None
+
+
+def _probe_embedding_rows(exercise, pairs: list[_Pair], part: str):
     """Each output row is some row of the table: say which ids were really looked up."""
     offsets = set()
     for p in pairs:
@@ -660,12 +951,23 @@ def _embedding_rows(pairs: list[_Pair]) -> str | None:
         (k,) = offsets
         return (
             f"every row is a row of the table, but row ids[t]{k:+d} instead of row ids[t] (ids "
-            "count from 0, and index the rows directly)"
+            "count from 0, and index the rows directly)",
+            "rows",
         )
     return (
         "every row is a row of the table, but not row ids[t]: the rows are taken in another "
-        "order or for other ids (out[t] = table[ids[t]], in the order of ids)"
+        "order or for other ids (out[t] = table[ids[t]], in the order of ids)",
+        "rows",
     )
+
+
+PROBES = {
+    "embedding": [_probe_embedding_rows],
+    "rotary": [_probe_rotation],
+    "attention": [_probe_score_scale, _probe_attention_weights],
+    "swiglu": [_probe_activation],
+    "kv_cache_step": [_probe_decode_positions, _probe_score_scale, _probe_attention_weights],
+}
 
 
 # ------------------------------------------------------------------ the analysis of arrays
@@ -721,8 +1023,6 @@ def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str 
         if right:
             sentence += f" ({' and '.join(right)} {'is' if len(right) == 1 else 'are'} right)"
         findings.append(sentence)
-        if wrong == ["out"] and "out" in steps:
-            findings.append(steps["out"])
     # a wrong cache explains a wrong out (out is computed from it), so look at the caches first
     failing_parts.sort(key=lambda found: found[0] == "out")
     part, pairs, failing_cases = failing_parts[0]
@@ -737,21 +1037,19 @@ def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str 
         findings.append(_describe_where(key, part))
         step_keys.append(key.partition(":")[0])
     special = None
-    if exercise.name == "embedding":
-        special = _embedding_rows(pairs)
+    for probe in [*PROBES.get(exercise.name, []), _probe_inputs_swapped]:
+        special = probe(exercise, pairs, part)
         if special:
-            step_keys.append("rows")
+            findings.append(special[0])
+            step_keys.append(special[1])
+            break
     if special is None:
-        special = _score_scale(exercise.name, pairs, part)
-        if special:
-            step_keys.append("scores")
-    if special:
-        findings.append(special)
-    else:
         inputs = [_inputs(exercise.name, p.case.args, p.case.names) for p in pairs]
         how, key = _how(pairs, inputs)
         findings.append(how)
         step_keys.append(key)
+    if part == "out" and len(failing_parts) == 1:
+        step_keys.append("out")  # the caches are right: the attention of the new query is not
     step = next((steps[k] for k in step_keys if k in steps), None)
     if step is None:
         step = steps.get("default", _GENERIC_STEP.format(signature=signature))
