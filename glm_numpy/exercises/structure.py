@@ -116,8 +116,6 @@ STEPS: dict[str, dict[str, str]] = {
         "input_added": "re-read the last step: the weight multiplies the normalised x, it is not "
         "added",
         "input_multiplied": "re-read the last step: multiply by weight once",
-        "input_added_not_multiplied": "re-read the last step: y = x / sqrt(mean(x²) + eps) * "
-        "weight",
         "default": "re-read y = x / sqrt(mean(x²) + eps) * weight step by step: the mean of the "
         "squares over each row, eps inside the root, a division, then the weight multiplied",
     },
@@ -521,8 +519,6 @@ def _how(pairs: list[_Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tupl
             return f"your output is the right answer minus {label} (a missing residual?)", (
                 "input_missing"
             )
-        if holds(lambda e, a: np.divide(e, a, out=np.full_like(e, np.nan), where=a != 0) + a):
-            return f"{label} is added where it should multiply", "input_added_not_multiplied"
         if holds(lambda e, a: e * a):
             return f"your output is the right answer multiplied by {label} once more", (
                 "input_multiplied"
