@@ -77,9 +77,7 @@ class ArrayOutput:
                 f"{self.name} has dtype {got.dtype}, expected {expected.dtype} ({verdict})",
                 details=values.details if values else "",
                 max_error=values.max_error if values else None,
-                hint=values.hint
-                if values
-                else f"cast the result with .astype(np.{expected.dtype}): the model keeps "
+                hint=f"cast the result with .astype(np.{expected.dtype}): the model keeps "
                 "activations in float32 (float64 somewhere in your code widens everything after)",
             )
         return values

@@ -846,11 +846,6 @@ def _top_p_mistakes() -> list[Mistake]:
                 lg, p, descending(lg), np.exp(lg - lg.max())[descending(lg)].astype(np.float64)
             ),
         ),
-        Mistake(
-            "the positions in the sorted order are returned (0, 1, 2, ...), not the token ids: "
-            "keep order[:n], the ids of the n most likely tokens",
-            lambda lg, p: set(range(len(ref.top_p(lg, p)))),
-        ),
     ]
 
 

@@ -277,7 +277,7 @@ def _heads_where(wrong_heads: np.ndarray, per_group: int) -> str | None:
         return ANY
     if wrong_heads.all():
         return None
-    if per_group > 1 and n > per_group:
+    if per_group >= 1 and n > per_group:
         by_group = wrong_heads.reshape(-1, per_group)
         if (by_group.all(axis=1) | ~by_group.any(axis=1)).all():
             groups = np.flatnonzero(by_group.all(axis=1))
@@ -304,13 +304,19 @@ def _channels_where(wrong_channels: np.ndarray, R: int) -> str | None:
     return None
 
 
+# With two rows, "only the last row" is also "only the rows after the first": either may be the
+# pattern the other cases show.
+_SAME_WITH_TWO_ROWS = {"last": {"last", "after_first"}, "first": {"first", "before_last"}}
+
+
 def _where(pairs: list[_Pair]) -> list[str]:
     """Region keys that hold in every failing case, e.g. ["last"], ["groups:1"], ["odd"] (the
     detail after ':' is the first case's)."""
-    common: dict[tuple[int, str], str] | None = None
+    candidates: dict[int, set[str]] = {}  # axis -> region kinds still possible
+    details: dict[str, str] = {}
+    first_seen: dict[int, str] = {}
     for pair in pairs:
         wrong, layout = pair.wrong, pair.layout
-        keys = {}
         for axis, meaning in enumerate(layout.axes):
             per_index = np.moveaxis(wrong, axis, 0).reshape(wrong.shape[axis], -1).any(axis=1)
             if meaning in ("token", "row"):
@@ -321,19 +327,21 @@ def _where(pairs: list[_Pair]) -> list[str]:
                 key = _channels_where(per_index, layout.rotary_dims)
             else:
                 key = None
-            if key is not None:
-                keys[axis, key.partition(":")[0]] = key
-        if common is None:
-            common = keys
-            continue
-        agreed = {}
-        for (axis, kind), key in common.items():
-            if (axis, kind) in keys or (axis, ANY) in keys:
-                agreed[axis, kind] = key if kind != ANY else keys.get((axis, kind), key)
-            elif kind == ANY:  # the earlier cases said nothing about this axis: take this one's
-                agreed.update({k: v for k, v in keys.items() if k[0] == axis})
-        common = agreed
-    return [key for (_, kind), key in sorted((common or {}).items()) if kind != ANY]
+            if key == ANY:
+                continue
+            kind = key.partition(":")[0] if key else ""
+            details.setdefault(kind, key or "")
+            kinds = {kind}
+            if len(per_index) == 2 and layout.new_row < 0:
+                kinds = _SAME_WITH_TWO_ROWS.get(kind, kinds)
+            first_seen.setdefault(axis, kind)
+            candidates[axis] = candidates.get(axis, kinds) & kinds
+    found = []
+    for axis in sorted(candidates):
+        kinds = sorted(candidates[axis] - {""}, key=lambda k: k != first_seen[axis])
+        if kinds:
+            found.append(details.get(kinds[0], kinds[0]))
+    return found
 
 
 def _describe_where(key: str, part: str) -> str:
@@ -473,13 +481,13 @@ def _describe_move(moves: list[list[int]], meaning: str) -> str:
         wrapped = {(s - i) % n for i, s in enumerate(source)}
         if len(deltas) == 1:
             shifts.add(deltas.pop())
-        elif len(wrapped) == 1:
-            shifts.add(("wrap", wrapped.pop()))
+        elif len(wrapped) == 1:  # np.roll: the shift wraps around the end
+            k = wrapped.pop()
+            shifts.add(k if k <= n // 2 else k - n)
         else:
             shifts.add(None)
     if len(shifts) == 1 and None not in shifts:
-        (shift,) = shifts
-        k = shift[1] if isinstance(shift, tuple) else shift
+        (k,) = shifts
         return (
             f"the {thing}s are shifted by {k} along that axis: {thing} i holds the right answer "
             f"of {thing} i{k:+d} (an off-by-one in an index?)"
@@ -511,8 +519,6 @@ def _how(pairs: list[_Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tupl
         def holds(relation, same=same):
             return all(_fits(p.got, a, relation, p) for a, p in zip(same, pairs))
 
-        if holds(lambda e, a: a):
-            return f"your output equals {label}: the step changes nothing", "input"
         if holds(lambda e, a: e + a):
             return f"your output is the right answer plus {label}", "input_added"
         if holds(lambda e, a: e - a):
@@ -765,6 +771,8 @@ def _probe_attention_weights(exercise, pairs: list[_Pair], part: str):
             seen_mean[t] = per_head[: position + 1].mean(axis=0)
             for h in range(H):
                 hits = [s for s in range(S) if pair.near(pair.got[t, h], per_head[s, h]).all()]
+                if position == 0 and hits[:1] == [0]:
+                    continue  # key 0 is the query's own key: either reading fits
                 if not hits:
                     picks.add(None)
                 elif hits[0] == 0 and position > 0:
@@ -1032,18 +1040,17 @@ def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str 
     for key in where:
         findings.append(_describe_where(key, part))
         step_keys.append(key.partition(":")[0])
-    special = None
-    for probe in [*PROBES.get(exercise.name, []), _probe_inputs_swapped]:
-        special = probe(exercise, pairs, part)
-        if special:
-            findings.append(special[0])
-            step_keys.append(special[1])
-            break
-    if special is None:
-        inputs = [_inputs(exercise.name, p.case.args, p.case.names) for p in pairs]
-        how, key = _how(pairs, inputs)
-        findings.append(how)
-        step_keys.append(key)
+    # the generic characterisations first; when they find nothing, the probes of the exercise
+    inputs = [_inputs(exercise.name, p.case.args, p.case.names) for p in pairs]
+    how = _how(pairs, inputs)
+    if how[1] == "default":
+        for probe in [*PROBES.get(exercise.name, []), _probe_inputs_swapped]:
+            found = probe(exercise, pairs, part)
+            if found:
+                how = found
+                break
+    findings.append(how[0])
+    step_keys.append(how[1])
     if part == "out" and len(failing_parts) == 1:
         step_keys.append("out")  # the caches are right: the attention of the new query is not
     step = next((steps[k] for k in step_keys if k in steps), None)
