@@ -144,7 +144,7 @@ STEPS: dict[str, dict[str, str]] = {
         "to 1 (softmax over the key axis, masked keys weight 0, normalised after masking)",
         "scores": "re-read the scaling of the scores: q·k / sqrt(Dh), before the softmax",
         "after_first": "re-read the causal mask: query t sits at position S - T + t and sees "
-        "keys 0..S-T+t",
+        "keys 0..S-T+t, the S - T cached keys before the queries included",
         "before_last": "re-read the causal mask: query t sits at position S - T + t and sees "
         "keys 0..S-T+t, no later ones",
         "layout": "re-read how the heads are laid out: the output is [T, H, Dh] (transpose "
@@ -169,6 +169,8 @@ STEPS: dict[str, dict[str, str]] = {
         "row_scale": "lm_head returns the raw logits x @ w.T of the input as given (no norm, no "
         "scaling)",
         "scale": "lm_head returns the raw logits x @ w.T: no scaling",
+        "channel_scale": "lm_head uses the rows of w as they are: logits = x @ w.T (nothing "
+        "normalised)",
         "precision": "compute the product in float32, not float16",
         "default": "lm_head returns the raw logits x @ w.T and nothing else",
     },
@@ -557,9 +559,10 @@ def _how(pairs: list[_Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tupl
             "row_scale",
         )
     if all(_per_axis_factor(p, axis=0) for p in pairs):
+        column = "vocabulary entry's logit" if pairs[0].layout.axes[-1] == "vocab" else "channel"
         return (
-            "each channel is the right channel times its own factor: a per-channel weight is "
-            "applied wrongly or not at all",
+            f"each {column} is the right one times its own factor: a weight per {column} "
+            "(a column of the output) is applied wrongly or not at all",
             "channel_scale",
         )
     shifts = [_shift(p, per_row=False) for p in pairs]
