@@ -4,11 +4,13 @@ In order of how specific the evidence is:
 1. the function did not return (raised, timed out, crashed): read the exception;
 2. a known mistake (mistakes.py) gives exactly the student's output on every case where the
    student returned something: that mistake is the diagnosis;
-3. the shape or dtype of the output already says what is wrong (compare.Mismatch.hint);
-4. the first failing case carries a tag with a hint (e.g. only large scores fail), followed by
-5. where and how the outputs are wrong (structure.py: e.g. "only the last row is wrong", "the
-   values are divided by sqrt(D)"), pointing at the step to re-read;
-6. otherwise (nothing to analyse), say that no known mistake matches.
+3. the output is one of the inputs, unchanged (structure.returned_input);
+4. the shape or dtype of the output already says what is wrong (compare.Mismatch.hint) — with a
+   wrong dtype, the values may be wrong too: then 5-6 follow;
+5. the first case with wrong values carries a tag with a hint (e.g. only large scores fail);
+6. where and how the outputs are wrong (structure.structural_hint: "only the last row is wrong",
+   "the values are divided by sqrt(D)", ...), pointing at the step of the definition to re-read;
+7. otherwise (nothing to analyse), say that no known mistake matches.
 """
 
 from __future__ import annotations
@@ -120,21 +122,18 @@ def likely_bug(
         return unchanged
     structure = structural_hint(exercise, case_list, outcomes, expected)
     value_failed = _first_wrong_values(exercise, outcomes, expected)
-    parts = []
-    if mismatch.hint:
-        if value_failed is None or not structure:
-            return mismatch.hint
-        parts.append(f"{mismatch.hint}. Besides, the values are wrong")
-    if value_failed is not None:
-        parts += [
-            exercise.tag_hints[t]
-            for t in sorted(case_list[value_failed].tags)
-            if t in exercise.tag_hints
-        ][:1]
-    if structure:
-        parts.append(structure)
-    if parts:
-        return ". ".join(parts)
+    tag_hints = [
+        exercise.tag_hints[tag]
+        for tag in sorted(case_list[value_failed].tags if value_failed is not None else ())
+        if tag in exercise.tag_hints
+    ][:1]
+    found = "; ".join(tag_hints + ([structure] if structure else []))
+    if mismatch.hint:  # a wrong shape or dtype; a wrong dtype may hide wrong values
+        if structure and value_failed is not None:
+            return f"{mismatch.hint}. Besides, the values are wrong: {found}"
+        return mismatch.hint
+    if found:
+        return found
     return (
         "no known mistake matches your output; recompute the failing case by hand, step by "
         f"step, against the definition: {exercise.signature}"
