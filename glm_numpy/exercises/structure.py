@@ -17,8 +17,8 @@ how    values that are 0, equal to an input, equal to the answer plus an input, 
 When these generic characterisations find nothing, the exercise's probes (probes.py) try the
 right layer with one thing changed (an input in another's place, the scores' scale, the rotation
 angle, the activation, the position). Each finding is phrased for a student and points at the
-step of the definition to re-read (``STEPS``). ``structural_hint`` never raises: a student's output that cannot be analysed gives
-None, and the caller falls back to a plain hint.
+step of the definition to re-read (``STEPS``). ``structural_hint`` never raises: a student's
+output that cannot be analysed gives None, and the caller falls back to a plain hint.
 
 Shape legend: T tokens · S cached + new · D hidden · H query heads · G kv groups · Dh head dim ·
 R rotary dims (Dh/2) · F ffn · V vocab.
@@ -506,7 +506,7 @@ def _case_properties(name: str, case_list: Sequence[Case]) -> list[tuple[str, li
             ("heads share kv groups (G < H)", [a[1].shape[1] < a[0].shape[1] for a in args]),
             ("keys come before the queries (T < S)", [a[0].shape[0] < a[1].shape[0] for a in args]),
             ("there are several queries (T > 1)", [a[0].shape[0] > 1 for a in args]),
-            ("several kv groups (G > 1)", [a[1].shape[1] > 1 for a in args]),
+            ("there are several kv groups (G > 1)", [a[1].shape[1] > 1 for a in args]),
         ]
     if name == "kv_cache_step":
         return [
