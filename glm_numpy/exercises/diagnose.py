@@ -117,9 +117,13 @@ def likely_bug(
         return diagnosis
     with np.errstate(all="ignore"):
         expected = [exercise.reference(*case.args) for case in case_list]
-    unchanged = returned_input(exercise, case_list[failed], outcomes[failed].value)
-    if unchanged:
-        return unchanged
+    unchanged = {  # an input returned as it is, in every case with wrong values
+        returned_input(exercise, case_list[i], o.value)
+        for i, (o, right) in enumerate(zip(outcomes, expected))
+        if o.kind == "value" and not exercise.output.close(right, o.value)
+    }
+    if len(unchanged) == 1 and None not in unchanged:
+        return unchanged.pop()
     structure = structural_hint(exercise, case_list, outcomes, expected)
     value_failed = _first_wrong_values(exercise, outcomes, expected)
     tag_hints = [

@@ -211,14 +211,23 @@ def _probe_activation(exercise, pairs: list[Pair], part: str):
     samples = []
     for pair in pairs:
         x, w_up, w_down = (a.astype(np.float64) for a in pair.case.args)
-        h, *_ = np.linalg.lstsq(w_down, pair.got.T, rcond=None)  # [F, T]
-        h = h.T
-        if not np.allclose(h @ w_down.T, pair.got, rtol=1e-6, atol=1e-6):
-            return None
         u = x @ w_up.T
         F = u.shape[1] // 2
         gate, up = u[:, :F], u[:, F:]
         silu = gate / (1 + np.exp(-gate))
+        h, *_ = np.linalg.lstsq(w_down, pair.got.T, rcond=None)  # [F, T]
+        h = h.T
+        if not np.allclose(h @ w_down.T, pair.got, rtol=1e-6, atol=1e-6):
+            # not a product with w_4h_to_h.T; with the right h, is it a product with another
+            # matrix? (only a case with more tokens than F can tell)
+            if x.shape[0] <= F:
+                continue
+            m, *_ = np.linalg.lstsq(silu * up, pair.got, rcond=None)  # [F, D]
+            which = "down" if np.allclose((silu * up) @ m, pair.got, atol=1e-4) else "other"
+            if found not in (None, which):
+                return None
+            found = which
+            continue
         options = [
             ("h_right", silu * up),
             ("added", silu + up),
@@ -239,7 +248,9 @@ def _probe_activation(exercise, pairs: list[Pair], part: str):
         if found not in (None, which):
             return None
         found = which
-    if found == "h_right":
+    if found == "activation" and not _a_function_of_gate(samples):
+        found = "other"
+    if found in ("h_right", "down"):
         return (
             "silu(gate) * up is right, so the last step is wrong: out = (silu(gate) * up) @ "
             "w_4h_to_h.T",
@@ -261,6 +272,37 @@ def _probe_activation(exercise, pairs: list[Pair], part: str):
             f"up is multiplied in correctly but the gate's activation is wrong ({shown}): "
             "silu(z) = z * sigmoid(z) = z / (1 + exp(-z))",
             "activation",
+        )
+    return None
+
+
+def _a_function_of_gate(samples: list[tuple[float, float, float]]) -> bool:
+    """Whether the activation values read off (gate, yours, silu) depend on the gate alone:
+    nearly equal gates must give nearly equal values."""
+    ordered = sorted(samples)
+    close = [
+        (a, b) for a, b in zip(ordered, ordered[1:]) if abs(a[0] - b[0]) < 0.05
+    ]  # neighbours in gate
+    if not close:
+        return True
+    jumps = [abs(a[1] - b[1]) > 0.05 + 0.05 * abs(a[1]) for a, b in close]
+    return sum(jumps) <= 0.2 * len(jumps)
+
+
+def _probe_normalised_input(exercise, pairs: list[Pair], part: str):
+    """swiglu / lm_head: the right layer applied to x normalised (a norm borrowed from the
+    block or the model)."""
+
+    def normalised(args):
+        x = args[0].astype(np.float64)
+        unit = (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5)).astype(np.float32)
+        return exercise.reference(unit, *args[1:])
+
+    if all_near(pairs, lambda p: normalised(p.case.args)):
+        return (
+            "your output equals the right answer for x normalised (x / sqrt(mean(x²))): x is "
+            "normalised before it gets here",
+            "normalised_input",
         )
     return None
 
@@ -319,6 +361,7 @@ PROBES = {
     "embedding": [_probe_embedding_rows],
     "rotary": [_probe_rotation],
     "attention": [_probe_score_scale, _probe_attention_weights],
-    "swiglu": [_probe_activation],
+    "swiglu": [_probe_normalised_input, _probe_activation],
+    "lm_head": [_probe_normalised_input],
     "kv_cache_step": [_probe_decode_positions, _probe_score_scale, _probe_attention_weights],
 }
