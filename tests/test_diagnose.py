@@ -259,6 +259,33 @@ def _rotary_angle_times(x, positions, factor):
     return rotary(x, (positions * factor).astype(np.float64))
 
 
+def _heads_summed(q, k, v):
+    out = attention(q, k, v)
+    return np.repeat(out.sum(axis=1, keepdims=True), q.shape[1], axis=1)
+
+
+def _swiglu_of_unit_rows(x, w1, w2):
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True) * np.sqrt(x.shape[1])
+    return swiglu(unit, w1, w2)
+
+
+def _swiglu_rolled_down(x, w1, w2):
+    """the up half of w_h_to_4h ([F, D]) used as the down projection."""
+    F = w1.shape[0] // 2
+    return swiglu(x, w1, w1[F:].T)
+
+
+def _rms_half_root(x, w, eps):
+    """the root kept in bfloat16 (float32 with the low 16 bits of the mantissa cut)."""
+    root = np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps).astype(np.float32)
+    root = (root.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    return (x / root * w).astype(np.float32)
+
+
+def _input_on_one_case_only(x, w, eps):
+    return x if x.shape[0] == 3 else rms(x, w, eps) * 2
+
+
 def _softplus_swiglu(x, w1, w2):
     return swiglu(x, w1, w2, activation=lambda z: np.log1p(np.exp(z)))
 
@@ -364,6 +391,11 @@ TRIGGERS = [
     ("decode position", "kv_cache_step", p(kv_step, key_offset=2), "rotated at position S+2"),
     ("embedding rows", "embedding", lambda ids, table: table[(ids + 2) % len(table)], "ids[t]+2"),
     ("returned input", "rms_norm", lambda x, w, eps: x, "the input x, unchanged"),
+    ("heads mixed", "attention", _heads_summed, "every head gives the same output"),
+    ("bent output", "lm_head", lambda x, w: 10 * np.tanh(_lm(x, w) / 10), "pulled in towards 0"),
+    ("normalised input", "swiglu", _swiglu_of_unit_rows, "right answer for x normalised"),
+    ("last matrix", "swiglu", _swiglu_rolled_down, "so the last step is wrong"),
+    ("imprecise normaliser", "rms_norm", _rms_half_root, "small factor of its own"),
 ]
 
 # (rule, exercise, function, phrase the hint must NOT contain): a near-miss of each rule
@@ -451,7 +483,12 @@ NEAR_MISSES = [
     ("activation", "swiglu", lambda x, w1, w2: swiglu(x, w1, 2 * w2), "activation is wrong"),
     ("decode position", "kv_cache_step", p(kv_step, tril=True), "rotated at position"),
     ("embedding rows", "embedding", lambda ids, table: table[ids] * 2, "row of the table"),
-    ("returned input", "rms_norm", lambda x, w, eps: x * np.float32(1.5), "unchanged"),
+    ("returned input", "rms_norm", _input_on_one_case_only, "unchanged"),
+    ("heads mixed", "attention", lambda q, k, v: attention(q, k, v)[:, ::-1], "same output"),
+    ("bent output", "lm_head", lambda x, w: _lm(x.astype(np.float16), w), "pulled in"),
+    ("normalised input", "swiglu", lambda x, w1, w2: swiglu(2 * x, w1, w2), "x normalised"),
+    ("last matrix", "swiglu", _softplus_swiglu, "the last step is wrong"),
+    ("imprecise normaliser", "rms_norm", lambda x, w, eps: rms(x, w, eps) * 1.05, "small factor"),
 ]
 
 
@@ -550,9 +587,9 @@ def test_the_analysis_survives_strange_outputs():
     for value in strange:
         outcomes = [Outcome(value) for _ in cases]
         assert structural_hint(exercise, cases, outcomes, expected) is None
-    # a student whose outputs change shape from case to case gets a plain hint, not a crash
-    mixed = _diagnosis(name, lambda q, k, v: attention(q, k, v)[:, :1] if len(q) == 3 else q * 2)
-    assert mixed.likely_bug
+    # outputs that change shape from case to case: the comparable cases are still analysed
+    mixed = _diagnosis(name, lambda q, k, v: q[:, :1] if len(q) == 1 else -attention(q, k, v))
+    assert "wrong sign" in mixed.likely_bug
 
 
 @pytest.mark.parametrize("name", list(EXERCISES))

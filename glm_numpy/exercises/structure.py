@@ -501,6 +501,9 @@ def _how(pairs: list[Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tuple
         )
     if relative < 1e-2:
         return _squashed(pairs) or _precision(relative)
+    squashed = _squashed(pairs)
+    if squashed:
+        return squashed
     return f"the error is large (up to {relative:.0%} of the values' size)", "default"
 
 
