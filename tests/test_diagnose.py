@@ -62,8 +62,11 @@ def rotary(x, positions, *, offset=0, swap=False, in_place=False, zero_rest=Fals
 
 
 def attention(q, k, v, *, scale_probs=False, mask_probs=False, values=None, reshape=False,
-              group=None, only_first=False, swap_kv=False, recent_keys_only=False):  # fmt: skip
+              group=None, only_first=False, swap_kv=False, recent_keys_only=False,
+              plain_scores=False, mask_from=0, renormalise=True, head_of_q=None):  # fmt: skip
     T, H, Dh = q.shape
+    if head_of_q is not None:  # one head's query for every head
+        q = np.repeat(q[:, head_of_q : head_of_q + 1], H, axis=1)
     if recent_keys_only:  # the cached keys before the queries are dropped
         k, v = k[-T:], v[-T:]
     S, G, _ = k.shape
@@ -75,8 +78,10 @@ def attention(q, k, v, *, scale_probs=False, mask_probs=False, values=None, resh
     if not scale_probs:
         scores = scores / np.sqrt(Dh)
     query_pos, key_pos = np.arange(S - T, S)[:, None], np.arange(S)[None, :]
-    allowed = key_pos == 0 if only_first else key_pos <= query_pos
-    if mask_probs:
+    allowed = key_pos == 0 if only_first else (key_pos <= query_pos) & (key_pos >= mask_from)
+    if plain_scores:  # no softmax: the masked scores themselves
+        probs = np.where(allowed, scores, 0.0)
+    elif mask_probs or not renormalise:
         probs = softmax_rows(scores) * allowed
     else:
         probs = softmax_rows(np.where(allowed, scores, -np.inf))
@@ -286,6 +291,21 @@ def _input_on_one_case_only(x, w, eps):
     return x if x.shape[0] == 3 else rms(x, w, eps) * 2
 
 
+def _exp_weights_unscaled(q, k, v):
+    """exp(q·k) as the weights: neither scaled nor normalised."""
+    T, H, _ = q.shape
+    S, G, _ = k.shape
+    heads = np.arange(H) // (H // G)
+    scores = np.einsum("thd,shd->hts", q, k[:, heads]) / 4
+    allowed = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]
+    weights = np.where(allowed, np.exp(scores - scores.max()), 0.0)
+    return np.einsum("hts,shd->thd", weights, v[:, heads]).astype(np.float32)
+
+
+def _swiglu_of_norm_one_rows(x, w1, w2):
+    return swiglu(x / np.sqrt(np.sum(x**2, axis=1, keepdims=True)), w1, w2)
+
+
 def _softplus_swiglu(x, w1, w2):
     return swiglu(x, w1, w2, activation=lambda z: np.log1p(np.exp(z)))
 
@@ -396,6 +416,40 @@ TRIGGERS = [
     ("normalised input", "swiglu", _swiglu_of_unit_rows, "right answer for x normalised"),
     ("last matrix", "swiglu", _swiglu_rolled_down, "so the last step is wrong"),
     ("imprecise normaliser", "rms_norm", _rms_half_root, "small factor of its own"),
+    (
+        "column shift",
+        "embedding",
+        lambda ids, table: table[ids] - table[:1],
+        "depends only on the column",
+    ),  # fmt: skip
+    (
+        "distributions",
+        "lm_head",
+        lambda x, w: softmax_rows(_lm(x, w) * 2),
+        "probability distribution",
+    ),  # fmt: skip
+    ("norm-1 input", "swiglu", _swiglu_of_norm_one_rows, "x normalised (x / |x|)"),
+    (
+        "weights: not of v",
+        "attention",
+        lambda q, k, v: attention(q, k, v) + 0.3 * q,
+        "not a weighted sum",
+    ),  # fmt: skip
+    (
+        "weights: negative",
+        "attention",
+        p(attention, plain_scores=True),
+        "weights your queries give the values are negative",
+    ),  # fmt: skip
+    ("weights: mask", "attention", p(attention, mask_from=1), "give no weight to earlier keys"),
+    ("weights: sums", "attention", _exp_weights_unscaled, "instead of 1"),
+    ("weights: scores", "attention", p(attention, head_of_q=0), "not the right ones"),
+    (
+        "shape",
+        "attention",
+        lambda q, k, v: np.einsum("thd,shd->hts", q, np.repeat(k, q.shape[1] // k.shape[1], 1)),
+        "the shape is wrong",
+    ),  # fmt: skip
 ]
 
 # (rule, exercise, function, phrase the hint must NOT contain): a near-miss of each rule
@@ -489,6 +543,25 @@ NEAR_MISSES = [
     ("normalised input", "swiglu", lambda x, w1, w2: swiglu(2 * x, w1, w2), "x normalised"),
     ("last matrix", "swiglu", _softplus_swiglu, "the last step is wrong"),
     ("imprecise normaliser", "rms_norm", lambda x, w, eps: rms(x, w, eps) * 1.05, "small factor"),
+    (
+        "column shift",
+        "embedding",
+        lambda ids, table: table[ids] - table[ids].mean(1, keepdims=True),
+        "depends only on the column",
+    ),  # fmt: skip
+    ("distributions", "lm_head", lambda x, w: np.abs(_lm(x, w)), "probability distribution"),
+    ("norm-1 input", "swiglu", _swiglu_of_unit_rows, "x / |x|"),
+    ("weights: not of v", "attention", p(attention, plain_scores=True), "not a weighted sum"),
+    ("weights: negative", "attention", p(attention, head_of_q=0), "negative"),
+    ("weights: mask", "attention", p(attention, renormalise=False), "earlier keys"),
+    ("weights: sums", "attention", p(attention, head_of_q=0), "instead of 1"),
+    ("weights: scores", "attention", p(attention, mask_from=1), "not the right ones"),
+    (
+        "shape",
+        "attention",
+        lambda q, k, v: attention(q, k, v).transpose(1, 0, 2),
+        "the shape is wrong",
+    ),  # fmt: skip
 ]
 
 

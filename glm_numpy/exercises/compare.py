@@ -45,7 +45,10 @@ def _shape_hint(expected: tuple, got: tuple) -> str:
         return "the right number of numbers in the wrong layout: check your reshape and transpose"
     if len(got) == len(expected) and got[0] != expected[0] and got[1:] == expected[1:]:
         return f"{got[0]} rows instead of {expected[0]}: return one row per token"
-    return ""
+    return (
+        "the shape is wrong: print the shape after each step and compare it with the shapes in "
+        "the signature (an axis repeated, summed or indexed on the wrong side?)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

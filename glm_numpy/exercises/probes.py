@@ -149,6 +149,80 @@ def _probe_attention_weights(exercise, pairs: list[Pair], part: str):
     return None
 
 
+def _probe_recovered_weights(exercise, pairs: list[Pair], part: str):
+    """attention / kv out: each query's output is a weighted sum of the value rows of its head's
+    group, out = Σ_s p_s v_s; while S < Dh the weights p can be read back exactly (least squares)
+    and compared with the right causal softmax weights."""
+    if part not in ("", "out"):
+        return None
+    seen = []  # per (case, query, head): (weights, right weights, allowed keys, fits)
+    for pair in pairs:
+        args = pair.case.args
+        if exercise.name == "attention":
+            values = args[2]
+        else:
+            values = np.concatenate([args[4], args[2]])  # [S+1, G, Dh]
+        T, H = args[0].shape[:2]
+        S, G, Dh = values.shape
+        if not 1 < S < Dh:
+            continue
+        per_head = values.astype(np.float64)[:, np.arange(H) // (H // G)]  # [S, H, Dh]
+        allowed = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]  # [T, S]
+        for t in range(T):
+            for h in range(H):
+                basis = per_head[:, h, :].T  # [Dh, S]
+                weights, *_ = np.linalg.lstsq(basis, pair.got[t, h], rcond=None)
+                right, *_ = np.linalg.lstsq(basis, pair.expected[t, h], rcond=None)
+                fits = np.allclose(basis @ weights, pair.got[t, h], atol=1e-4, rtol=1e-3)
+                seen.append((weights, right, allowed[t], fits))
+    if not seen:
+        return None
+    if not all(fits for *_, fits in seen):
+        return (
+            "your output is not a weighted sum of the value rows: the last step is weights @ v, "
+            "with v of the head's own kv group",
+            "values",
+        )
+    totals = np.array([w.sum() for w, *_ in seen])
+    future = any(np.abs(w[~a]).max(initial=0) > 1e-4 for w, _, a, _ in seen)
+    blind = any(((np.abs(w) < 1e-6) & (r > 1e-4) & a).any() for w, r, a, _ in seen)
+    if (np.array([w.min() for w, *_ in seen]) < -1e-4).any():
+        return (
+            "some of the weights your queries give the values are negative: the scores are used "
+            "as weights without the softmax (exp, then divide by the sum)",
+            "row_scale",
+        )
+    if future or blind:
+        what = []
+        if future:
+            what.append("give weight to later positions")
+        if blind:
+            what.append("give no weight to earlier keys they may see")
+        return (
+            f"reading the weights back from your output, queries {' and '.join(what)}: the "
+            "causal mask is wrong (query t at position S - T + t sees keys 0..S-T+t)",
+            "after_first",
+        )
+    if not np.allclose(totals, 1, atol=1e-3):
+        shown = (
+            f"{totals.min():.3g}"
+            if np.ptp(totals) < 1e-3
+            else f"{totals.min():.3g} to {totals.max():.3g}"
+        )
+        return (
+            f"reading the weights back from your output, each query's weights add up to {shown} "
+            "instead of 1: the softmax's normalisation is missing, or something rescales the "
+            "weights after it (a scale or a mask belongs before the softmax)",
+            "row_scale",
+        )
+    return (
+        "reading the weights back from your output, each query weighs the right keys and its "
+        "weights add up to 1, but they are not the right ones: the softmax is taken of the wrong "
+        "scores — check q·k (the head's own query, its group's keys) and the scale 1/sqrt(Dh)",
+        "scores",
+    )
+
+
 def _probe_rotation(exercise, pairs: list[Pair], part: str):
     """rotary: compare each output pair (2i, 2i+1) with the input pair: its length (a rotation
     keeps it) and the angle it turned by, against positions[t]·θᵢ."""
@@ -293,17 +367,22 @@ def _probe_normalised_input(exercise, pairs: list[Pair], part: str):
     """swiglu / lm_head: the right layer applied to x normalised (a norm borrowed from the
     block or the model)."""
 
-    def normalised(args):
-        x = args[0].astype(np.float64)
-        unit = (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5)).astype(np.float32)
-        return exercise.reference(unit, *args[1:])
+    norms = {
+        "x / sqrt(mean(x²))": lambda x: np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5),
+        "x / |x|": lambda x: np.linalg.norm(x, axis=-1, keepdims=True),
+    }
 
-    if all_near(pairs, lambda p: normalised(p.case.args)):
-        return (
-            "your output equals the right answer for x normalised (x / sqrt(mean(x²))): x is "
-            "normalised before it gets here",
-            "normalised_input",
-        )
+    def normalised(args, norm):
+        x = args[0].astype(np.float64)
+        return exercise.reference((x / norm(x)).astype(np.float32), *args[1:])
+
+    for shown, norm in norms.items():
+        if all_near(pairs, lambda p, n=norm: normalised(p.case.args, n)):
+            return (
+                f"your output equals the right answer for x normalised ({shown}): x is "
+                "normalised before it gets here",
+                "normalised_input",
+            )
     return None
 
 
@@ -365,3 +444,13 @@ PROBES = {
     "lm_head": [_probe_normalised_input],
     "kv_cache_step": [_probe_decode_positions, _probe_score_scale, _probe_attention_weights],
 }
+# the broadest probes, tried after an input in another's place (probe_inputs_swapped)
+LATE_PROBES = {
+    "attention": [_probe_recovered_weights],
+    "kv_cache_step": [_probe_recovered_weights],
+}
+
+
+def probes_for(name: str) -> list:
+    """The probes of exercise ``name``, most specific first."""
+    return [*PROBES.get(name, []), probe_inputs_swapped, *LATE_PROBES.get(name, [])]

@@ -33,7 +33,7 @@ import numpy as np
 from glm_numpy.exercises.cases import Case
 from glm_numpy.exercises.compare import ArraysOutput, IdSetOutput, _as_id_set
 from glm_numpy.exercises.evidence import Layout, Pair, fit_factor, layout_of, named_factor
-from glm_numpy.exercises.probes import PROBES, probe_inputs_swapped
+from glm_numpy.exercises.probes import probes_for
 from glm_numpy.generation import softmax as softmax_1d
 
 
@@ -54,6 +54,7 @@ STEPS: dict[str, dict[str, str]] = {
         "rows": "row t of the output is row ids[t] of the table (ids count from 0)",
         "scale": "the rows are used as they are, no scaling",
         "precision": "a row lookup is exact: copy the float32 rows, do not round them",
+        "column_shift": "the rows are used as they are: nothing subtracted or added",
         "default": "out[t] is row ids[t] of the table, unchanged, in the order of ids",
     },
     "rms_norm": {
@@ -103,6 +104,8 @@ STEPS: dict[str, dict[str, str]] = {
         "[H, T, Dh] with np.transpose / einsum, a reshape does not move the axes)",
         "precision": "keep the scores in float32: float16 cannot hold large scores precisely",
         "one_key": "re-read the causal mask: query t (at position S - T + t) sees keys 0..S-T+t",
+        "values": "re-read the last step: the weighted sum of the values v (not k), each head "
+        "with its group h // (H/G)",
         "default": "re-read the steps in order on the failing case: scores q·k / sqrt(Dh) for "
         "each head with its group h // (H/G), the causal mask, a softmax over the key axis "
         "(each query's row adds up to 1), then the weighted sum of the values v",
@@ -125,6 +128,8 @@ STEPS: dict[str, dict[str, str]] = {
         "channel_scale": "lm_head uses the rows of w as they are: logits = x @ w.T (nothing "
         "normalised)",
         "squashed": "lm_head returns the raw logits x @ w.T: nothing applied after the product",
+        "distribution": "lm_head returns the raw logits x @ w.T: the softmax comes later, in "
+        "sampling",
         "normalised_input": "lm_head multiplies x as it is given (the final norm comes before "
         "it, in the model)",
         "precision": "compute the product in float32, not float16",
@@ -355,6 +360,22 @@ def _shift(pair: Pair, per_row: bool) -> float | None:
     return float(np.abs(offsets).max())
 
 
+def _column_shift(pair: Pair) -> bool | None:
+    """got = expected + one constant per column; None for a single row (any offset fits)."""
+    difference = _rows_vectors(pair.got - pair.expected)
+    if difference.shape[0] < 2:
+        return None
+    offsets = difference.mean(axis=0, keepdims=True)
+    expected = _rows_vectors(pair.expected)
+    return bool(pair.near(expected + offsets, _rows_vectors(pair.got)).all())
+
+
+def _distributions(pair: Pair) -> bool:
+    rows, right = _rows_vectors(pair.got), _rows_vectors(pair.expected)
+    sums_to_one = np.allclose(rows.sum(axis=1), 1, atol=1e-3) and (rows >= -1e-6).all()
+    return bool(sums_to_one and not np.allclose(right.sum(axis=1), 1, atol=1e-3))
+
+
 def _moved_along(pair: Pair, axis: int) -> list[int] | None:
     """Where each slice of got along ``axis`` comes from in expected (index per slice), when every
     slice equals some slice of expected; None otherwise."""
@@ -475,6 +496,19 @@ def _how(pairs: list[Pair], inputs: list[list[tuple[str, np.ndarray]]]) -> tuple
     shifts = [_shift(p, per_row=True) for p in pairs]
     if None not in shifts:
         return "each row is the right row plus its own constant (a per-row shift)", "row_shift"
+    column_shifts = [_column_shift(p) for p in pairs]
+    if False not in column_shifts and True in column_shifts:
+        return (
+            "each column (last axis) is shifted by a constant that depends only on the column: "
+            "something of that axis' size is added or subtracted (a mean over the other axis?)",
+            "column_shift",
+        )
+    if all(_distributions(p) for p in pairs):
+        return (
+            "each row of your output is a probability distribution (no negative value, adding up "
+            "to 1) while the right one is not: a softmax or normalisation that does not belong",
+            "distribution",
+        )
     if relative < 1e-2 and not all(p.wrong.mean() > 0.25 for p in pairs):
         # small errors here and there: rounding, or a function that bends the large values
         return _squashed(pairs) or _precision(relative)
@@ -628,7 +662,8 @@ def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str 
                 continue
             e64, g64 = e.astype(np.float64), g.astype(np.float64)
             if not (np.isfinite(g64).all() and np.isfinite(e64).all()):
-                return None  # NaN and inf have their own hint
+                failing_cases.append(None)  # NaN and inf have their own hint
+                continue
             if output.close(right, got) if not part else _part_close(output, index, e, g):
                 failing_cases.append(False)
                 continue
@@ -672,7 +707,7 @@ def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str 
     inputs = [_inputs(exercise.name, p.case.args, p.case.names) for p in pairs]
     how = _how(pairs, inputs)
     if how[1] == "default":
-        for probe in [*PROBES.get(exercise.name, []), probe_inputs_swapped]:
+        for probe in probes_for(exercise.name):
             found = probe(exercise, pairs, part)
             if found:
                 how = found
