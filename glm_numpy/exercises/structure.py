@@ -289,7 +289,8 @@ def _describe_where(key: str, part: str) -> str:
         "before_last": f"every row{of} but the last is wrong (the last row is right)",
         "some_rows": f"only some rows{of} are wrong",
         "groups": f"every head of kv group {detail} is wrong, the other groups' heads are right",
-        "heads": f"only heads {detail}{of} are wrong",
+        "heads": f"only head{'s' if ',' in detail else ''} {detail}{of} "
+        f"{'are' if ',' in detail else 'is'} wrong",
         "passthrough": "only the pass-through channels R..Dh-1 are wrong (the rotated ones are "
         "right)",
         "odd": "only the second channel of each rotated pair (2i+1) is wrong",
