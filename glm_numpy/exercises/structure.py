@@ -37,7 +37,7 @@ from glm_numpy.exercises.probes import probes_for
 from glm_numpy.generation import softmax as softmax_1d
 
 
-def _inputs(name: str, args: tuple, names: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+def _inputs(args: tuple, names: Sequence[str]) -> list[tuple[str, np.ndarray]]:
     """The array arguments of a case, by the names the student knows them by."""
     return [
         (f"the input {n}", a)
@@ -579,15 +579,17 @@ def _squashed(pairs: list[Pair]) -> tuple[str, str] | None:
 # ------------------------------------------------------------------ which cases fail
 
 
-def _cases_where(name: str, case_list: Sequence[Case], failing: list) -> str | None:
-    """'it fails only on ...' when the failing cases are exactly those with one property."""
+def _cases_where(name: str, case_list: Sequence[Case], failing: list) -> tuple[str, str] | None:
+    """('it fails only on ...', key of STEPS) when the failing cases are exactly those with one
+    property; failing[i] is None for a case that says nothing."""
     known = [i for i, f in enumerate(failing) if f is not None]
     if all(failing[i] for i in known) or not any(failing[i] for i in known):
         return None
     properties = _case_properties(name, case_list)
     for phrase, has in properties:
         if all(has[i] == failing[i] for i in known):
-            return f"it fails only on the cases where {phrase} (the others pass)"
+            sentence = f"it fails only on the cases where {phrase} (the others pass)"
+            return sentence, _CASE_STEP.get((name, phrase), "")
     return None
 
 
@@ -641,16 +643,63 @@ _CASE_STEP = {
 
 
 def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str | None:
+    """Which part, which cases, where in the array and how it is wrong, then the step to
+    re-read — for array outputs; None when no case can be compared."""
     output = exercise.output
     names = output.names if isinstance(output, ArraysOutput) else ("",)
-    # failing[i]: case i is wrong (True), right (False), or says nothing (None: no value, or an
-    # output whose shape or type the compare step reports)
-    answered = [
+    answered = [  # a case without a value says nothing
         (case, expected[i], outcomes[i].value if outcomes[i].kind == "value" else None)
         for i, case in enumerate(case_list[: len(outcomes)])
     ]
+    failing_parts = _failing_parts(exercise, names, answered)
+    if not failing_parts:
+        return None
     findings = []
-    # which part of a tuple output is wrong (kv_cache_step: out, cache_k, cache_v)
+    steps = STEPS.get(exercise.name, {})
+    if len(names) > 1:  # which part of a tuple output is wrong (out, cache_k, cache_v)
+        wrong = [part for part, _, _ in failing_parts]
+        right = [n for n in names if n not in wrong]
+        sentence = f"{' and '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} wrong"
+        if right:
+            sentence += f" ({' and '.join(right)} {'is' if len(right) == 1 else 'are'} right)"
+        findings.append(sentence)
+    # a wrong cache explains a wrong out (out is computed from it), so look at the caches first
+    failing_parts.sort(key=lambda found: found[0] == "out")
+    part, pairs, failing_cases = failing_parts[0]
+    step_keys = []
+    across = _cases_where(exercise.name, case_list[: len(failing_cases)], failing_cases)
+    if across:
+        findings.append(across[0])
+        step_keys.append(across[1])
+    where = _where(pairs)
+    for key in where:
+        findings.append(_describe_where(key, part))
+        step_keys.append(key.partition(":")[0])
+    # the generic characterisations first; when they find nothing, the probes of the exercise
+    inputs = [_inputs(p.case.args, p.case.names) for p in pairs]
+    how = _how(pairs, inputs)
+    if how[1] == "default":
+        for probe in probes_for(exercise.name):
+            found = probe(exercise, pairs, part)
+            if found:
+                how = found
+                break
+    findings.append(how[0])
+    if how[1] != "default":  # the exercise's default step is the last resort, below "out"
+        step_keys.append(how[1])
+    if part == "out" and len(failing_parts) == 1:
+        step_keys.append("out")  # the caches are right: the attention of the new query is not
+    step = next((steps[k] for k in step_keys if k in steps), None)
+    if step is None:
+        step = steps.get("default", _GENERIC_STEP.format(signature=signature))
+    findings.append(step)
+    return "; ".join(findings)
+
+
+def _failing_parts(exercise, names, answered) -> list[tuple[str, list[Pair], list]]:
+    """Per output part with a wrong case: (part, its failing Pairs, per case True / False / None
+    for wrong / right / nothing to compare)."""
+    output = exercise.output
     failing_parts = []
     for index, part in enumerate(names):
         pairs, failing_cases = [], []
@@ -681,48 +730,7 @@ def _array_hint(exercise, case_list, outcomes, expected, signature: str) -> str 
             )
         if pairs:
             failing_parts.append((part, pairs, failing_cases))
-    if not failing_parts:
-        return None
-    steps = STEPS.get(exercise.name, {})
-    if len(names) > 1:
-        wrong = [part for part, _, _ in failing_parts]
-        right = [n for n in names if n not in wrong]
-        sentence = f"{' and '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} wrong"
-        if right:
-            sentence += f" ({' and '.join(right)} {'is' if len(right) == 1 else 'are'} right)"
-        findings.append(sentence)
-    # a wrong cache explains a wrong out (out is computed from it), so look at the caches first
-    failing_parts.sort(key=lambda found: found[0] == "out")
-    part, pairs, failing_cases = failing_parts[0]
-    step_keys = []
-    across = _cases_where(exercise.name, case_list[: len(failing_cases)], failing_cases)
-    if across:
-        findings.append(across)
-        phrase = across.split("where ", 1)[1].split(" (the others")[0]
-        step_keys.append(_CASE_STEP.get((exercise.name, phrase), ""))
-    where = _where(pairs)
-    for key in where:
-        findings.append(_describe_where(key, part))
-        step_keys.append(key.partition(":")[0])
-    # the generic characterisations first; when they find nothing, the probes of the exercise
-    inputs = [_inputs(exercise.name, p.case.args, p.case.names) for p in pairs]
-    how = _how(pairs, inputs)
-    if how[1] == "default":
-        for probe in probes_for(exercise.name):
-            found = probe(exercise, pairs, part)
-            if found:
-                how = found
-                break
-    findings.append(how[0])
-    if how[1] != "default":  # the exercise's default step is the last resort, below "out"
-        step_keys.append(how[1])
-    if part == "out" and len(failing_parts) == 1:
-        step_keys.append("out")  # the caches are right: the attention of the new query is not
-    step = next((steps[k] for k in step_keys if k in steps), None)
-    if step is None:
-        step = steps.get("default", _GENERIC_STEP.format(signature=signature))
-    findings.append(step)
-    return "; ".join(findings)
+    return failing_parts
 
 
 def returned_input(exercise, case: Case, got) -> str | None:
