@@ -10,8 +10,8 @@ embedding, rms_norm, rotary, attention, swiglu, lm_head, block, kv_cache_step, t
 ``run_with({"rotary": my_rotary}, prompt)`` runs the whole default model with them inside.
 
 Modules: cases (inputs), references (the right answers, from glm_numpy), mistakes (known wrong
-answers with their diagnoses), compare, diagnose, runner (sandboxed calls with a time limit),
-check, grade.
+answers with their diagnoses), compare, diagnose, structure (where and how an unknown mistake is
+wrong; with evidence and probes), runner (sandboxed calls with a time limit), check, grade.
 """
 
 from glm_numpy.exercises.catalogue import EXERCISES

@@ -45,7 +45,10 @@ def _shape_hint(expected: tuple, got: tuple) -> str:
         return "the right number of numbers in the wrong layout: check your reshape and transpose"
     if len(got) == len(expected) and got[0] != expected[0] and got[1:] == expected[1:]:
         return f"{got[0]} rows instead of {expected[0]}: return one row per token"
-    return ""
+    return (
+        "the shape is wrong: print the shape after each step and compare it with the shapes in "
+        "the signature (an axis repeated, summed or indexed on the wrong side?)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +80,7 @@ class ArrayOutput:
                 f"{self.name} has dtype {got.dtype}, expected {expected.dtype} ({verdict})",
                 details=values.details if values else "",
                 max_error=values.max_error if values else None,
-                hint=values.hint
-                if values
-                else f"cast the result with .astype(np.{expected.dtype}): the model keeps "
+                hint=f"cast the result with .astype(np.{expected.dtype}): the model keeps "
                 "activations in float32 (float64 somewhere in your code widens everything after)",
             )
         return values

@@ -4,9 +4,13 @@ In order of how specific the evidence is:
 1. the function did not return (raised, timed out, crashed): read the exception;
 2. a known mistake (mistakes.py) gives exactly the student's output on every case where the
    student returned something: that mistake is the diagnosis;
-3. the shape or dtype of the output already says what is wrong (compare.Mismatch.hint);
-4. the first failing case carries a tag with a hint (e.g. only large scores fail);
-5. otherwise, say that no known mistake matches.
+3. the output is one of the inputs, unchanged (structure.returned_input);
+4. the shape or dtype of the output already says what is wrong (compare.Mismatch.hint) — with a
+   wrong dtype, the values may be wrong too: then 5-6 follow;
+5. the first case with wrong values carries a tag with a hint (e.g. only large scores fail);
+6. where and how the outputs are wrong (structure.structural_hint: "only the last row is wrong",
+   "the values are divided by sqrt(D)", ...), pointing at the step of the definition to re-read;
+7. otherwise (nothing to analyse), say that no known mistake matches.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from glm_numpy.exercises.cases import Case
 from glm_numpy.exercises.catalogue import Exercise
 from glm_numpy.exercises.compare import Mismatch
 from glm_numpy.exercises.runner import Outcome
+from glm_numpy.exercises.structure import returned_input, structural_hint
 
 _EXCEPTION_HINTS = [
     (
@@ -110,12 +115,38 @@ def likely_bug(
     diagnosis = matching_mistake(exercise, case_list, outcomes)
     if diagnosis:
         return diagnosis
-    if mismatch.hint:
+    with np.errstate(all="ignore"):
+        expected = [exercise.reference(*case.args) for case in case_list]
+    unchanged = {  # an input returned as it is, in every case with wrong values
+        returned_input(exercise, case_list[i], o.value)
+        for i, (o, right) in enumerate(zip(outcomes, expected))
+        if o.kind == "value" and not exercise.output.close(right, o.value)
+    }
+    if len(unchanged) == 1 and None not in unchanged:
+        return unchanged.pop()
+    structure = structural_hint(exercise, case_list, outcomes, expected)
+    value_failed = _first_wrong_values(exercise, outcomes, expected)
+    tag_hints = [
+        exercise.tag_hints[tag]
+        for tag in sorted(case_list[value_failed].tags if value_failed is not None else ())
+        if tag in exercise.tag_hints
+    ][:1]
+    found = "; ".join(tag_hints + ([structure] if structure else []))
+    if mismatch.hint:  # a wrong shape or dtype; a wrong dtype may hide wrong values
+        if structure and value_failed is not None:
+            return f"{mismatch.hint}. Besides, the values are wrong: {found}"
         return mismatch.hint
-    for tag in sorted(case_list[failed].tags):
-        if tag in exercise.tag_hints:
-            return exercise.tag_hints[tag]
+    if found:
+        return found
     return (
         "no known mistake matches your output; recompute the failing case by hand, step by "
         f"step, against the definition: {exercise.signature}"
     )
+
+
+def _first_wrong_values(exercise: Exercise, outcomes: Sequence[Outcome], expected) -> int | None:
+    """The first answered case whose values are wrong (a wrong dtype alone does not count)."""
+    for i, (outcome, right) in enumerate(zip(outcomes, expected)):
+        if outcome.kind == "value" and not exercise.output.close(right, outcome.value):
+            return i
+    return None

@@ -54,6 +54,18 @@ def _embedding_mistakes() -> list[Mistake]:
             "the ids are ignored: the first T rows of the table were returned, not rows ids[t]",
             lambda ids, table: table[: len(ids)].astype(np.float32),
         ),
+        Mistake(
+            "the ids are off by one (row id + 1 was taken): ids index rows from 0, directly",
+            lambda ids, table: ref.embedding(ids, np.roll(table, -1, axis=0)),
+        ),
+        Mistake(
+            "the rows are divided by sqrt(D); ChatGLM2 uses the embedding rows as they are",
+            lambda ids, table: ref.embedding(ids, table) / np.float32(np.sqrt(table.shape[1])),
+        ),
+        Mistake(
+            "the rows were rounded to float16 on the way: a lookup copies the float32 rows exactly",
+            lambda ids, table: ref.embedding(ids, table.astype(np.float16).astype(np.float32)),
+        ),
     ]
 
 
@@ -113,6 +125,27 @@ def _rms_norm_mistakes() -> list[Mistake]:
         ),
         Mistake(eps_ignored, lambda x, w, eps: ref.rms_norm(x, w, 1e-5)),
         Mistake(eps_ignored, lambda x, w, eps: ref.rms_norm(x, w, 1e-6)),
+        Mistake(
+            "the weight is added instead of multiplied: x / sqrt(mean(x²) + eps) * weight",
+            lambda x, w, eps: ref.rms_norm(x, np.ones_like(w), eps) + w,
+        ),
+        Mistake(
+            "the weight is applied before normalising, so the root mean square is taken of "
+            "x·weight: normalise x itself, then multiply by weight",
+            lambda x, w, eps: ref.rms_norm(x * w, np.ones_like(w), eps),
+        ),
+        Mistake(
+            "mean(x²) is taken over the whole array (np.mean without axis=-1): each row (token) "
+            "is normalised by its own mean square",
+            lambda x, w, eps: (x / np.sqrt(np.mean(x * x) + eps) * w).astype(np.float32),
+        ),
+        Mistake(
+            "x is multiplied by the root instead of divided by it: y = x / sqrt(mean(x²) + eps) "
+            "* weight",
+            lambda x, w, eps: (
+                x * np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+            ).astype(np.float32),
+        ),
     ]
 
 
@@ -187,6 +220,29 @@ def _rotary_mistakes() -> list[Mistake]:
             "(above 2048) nor the angles precisely: compute the table in float32 or float64",
             lambda x, p: _rotary_with(x, p, _width(x) // 2, fp16=True),
         ),
+        Mistake(
+            "the positions are off by one (positions + 1): token t sits at positions[t], "
+            "counting from 0",
+            lambda x, p: ref.rotary(x, np.asarray(p) + 1),
+        ),
+        Mistake(
+            "cos and sin are exchanged: out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = "
+            "x[2i+1]·cos + x[2i]·sin",
+            _cos_sin_exchanged,
+        ),
+        Mistake(
+            "the even channels are overwritten in place before out[2i+1] reads them: "
+            "out[2i+1] = x[2i+1]·cos + x[2i]·sin needs the ORIGINAL x[2i] (keep a copy)",
+            _rotated_in_place,
+        ),
+        Mistake(
+            "the pass-through channels R..Dh-1 are zeros (the output started as np.zeros_like): "
+            "they must be copied from x unchanged",
+            lambda x, p: np.concatenate(
+                [ref.rotary(x, p)[..., : _width(x) // 2], np.zeros_like(x[..., _width(x) // 2 :])],
+                axis=-1,
+            ),
+        ),
     ]
 
 
@@ -194,6 +250,22 @@ def _last_half_rotated(x, positions):
     """x [T, N, Dh]: channels R..Dh-1 rotated as interleaved pairs, 0..R-1 passed through."""
     R = _width(x) // 2
     return np.concatenate([x[..., :R], _rotary_with(x[..., R:], positions, R)], axis=-1)
+
+
+def _cos_sin_exchanged(x, positions):
+    """x [T, N, Dh]: each pair turned by 90° minus its angle (cos and sin swapped)."""
+    cos, sin = layers.rotary_table(positions, _width(x) // 2, ref.ROTARY_BASE)
+    return layers.apply_rotary(x, sin, cos)
+
+
+def _rotated_in_place(x, positions):
+    """x [T, N, Dh]: out[2i] right, out[2i+1] computed from the already-rotated out[2i]."""
+    cos, sin = layers.rotary_table(positions, _width(x) // 2, ref.ROTARY_BASE)  # [T, R/2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    R = _width(x) // 2
+    out = ref.rotary(x, positions)
+    out[..., 1:R:2] = x[..., 1:R:2] * c + out[..., 0:R:2] * s
+    return out
 
 
 def _frequencies_over_head_dim(x, positions):
@@ -235,6 +307,13 @@ def _softmax_over_queries(q, k, v):
     scores = np.where(layers.causal_mask(T, S), layers.attention_scores(q, k), -np.inf)
     probs = layers.masked_softmax(np.swapaxes(scores, -1, -2), np.ones((S, T), bool))
     return layers.attend(np.nan_to_num(np.swapaxes(probs, -1, -2)), v)
+
+
+def _mask_after_softmax(q, k, v):
+    """softmax over every key, then the future keys' probabilities set to 0 (rows sum < 1)."""
+    T, S = q.shape[0], k.shape[0]
+    probs = layers.masked_softmax(layers.attention_scores(q, k), np.ones((T, S), bool))
+    return layers.attend(probs * layers.causal_mask(T, S), v)
 
 
 def _round_robin(q, k, v):
@@ -302,6 +381,30 @@ def _attention_mistakes() -> list[Mistake]:
             "over the S keys must add up to 1 (axis=-1)",
             _softmax_over_queries,
         ),
+        Mistake(
+            "the scale is applied after the softmax (the probabilities are divided by sqrt(Dh)); "
+            "it belongs to the scores, before the softmax: softmax(q·k / sqrt(Dh))",
+            lambda q, k, v: (
+                layers.attention(q * np.float32(np.sqrt(q.shape[-1])), k, v)
+                / np.float32(np.sqrt(q.shape[-1]))
+            ),
+        ),
+        Mistake(
+            "the mask is applied after the softmax (future keys zeroed, the rest not "
+            "renormalised): mask the scores with -inf first, then take the softmax",
+            _mask_after_softmax,
+        ),
+        Mistake(
+            "the keys are used as values: the output is the weighted sum of v, not of k",
+            lambda q, k, v: layers.attention(q, k, k),
+        ),
+        Mistake(
+            "the [H, T, Dh] result is reshaped to [T, H, Dh] instead of transposed: a reshape "
+            "keeps the memory order, use .transpose(1, 0, 2) (or einsum '...->thd')",
+            lambda q, k, v: np.ascontiguousarray(
+                layers.attention(q, k, v).transpose(1, 0, 2)
+            ).reshape(q.shape),
+        ),
     ]
 
 
@@ -360,6 +463,19 @@ def _swiglu_mistakes() -> list[Mistake]:
             "two contiguous halves: gate = u[:, :F], up = u[:, F:]",
             lambda x, w1, w2: ref.swiglu(x, np.concatenate([w1[0::2], w1[1::2]]), w2),
         ),
+        Mistake(
+            "the input x is added to the output: the residual belongs to the block, swiglu "
+            "returns the MLP alone",
+            lambda x, w1, w2: ref.swiglu(x, w1, w2) + x,
+        ),
+        Mistake(
+            "silu(gate) and up are added; they are multiplied: silu(gate) * up",
+            lambda x, w1, w2: _swiglu_with(lambda g, u: layers.silu(g) + u, x, w1, w2),
+        ),
+        Mistake(
+            "up is not used: the hidden activation is silu(gate) * up, not silu(gate) alone",
+            lambda x, w1, w2: _swiglu_with(lambda g, u: layers.silu(g), x, w1, w2),
+        ),
     ]
 
 
@@ -383,6 +499,21 @@ def _lm_head_mistakes() -> list[Mistake]:
         Mistake(
             "log-softmax is applied: lm_head returns the raw logits",
             lambda x, w: np.log(_row_softmax(ref.lm_head(x, w))),
+        ),
+        Mistake(
+            "the logits are divided by sqrt(D) (the attention's scale borrowed): lm_head "
+            "returns x @ w.T unscaled",
+            lambda x, w: ref.lm_head(x, w) / np.float32(np.sqrt(x.shape[1])),
+        ),
+        Mistake(
+            "each row's maximum is subtracted (a softmax step borrowed): lm_head returns the raw "
+            "logits x @ w.T",
+            lambda x, w: ref.lm_head(x, w) - ref.lm_head(x, w).max(axis=-1, keepdims=True),
+        ),
+        Mistake(
+            "x is normalised first (the final RMSNorm borrowed): lm_head gets x already "
+            "normalised and returns x @ w.T",
+            lambda x, w: ref.lm_head(ref.rms_norm(x, np.ones(x.shape[1], np.float32), 1e-5), w),
         ),
     ]
 
@@ -420,6 +551,38 @@ def _permute_qkv_rows(
         columns = np.arange(dense.shape[1]).reshape(H, Dh)[head_order].ravel()
         out["self_attention.dense.weight"] = dense[:, columns]
     return out
+
+
+def _block_with(
+    x, positions, weights, H, G, eps, mlp_reads_x=False, mask=True, rotary="qk", scale=True
+):
+    """One block spelled out with the package's layers, one step changed: the MLP's norm reads x
+    instead of x1, no causal mask, rotary on none / on q, k and v, unscaled scores."""
+    T = x.shape[0]
+    Dh = weights["self_attention.dense.weight"].shape[1] // H
+    a = layers.rms_norm(x, weights["input_layernorm.weight"], eps)  # [T, D]
+    qkv = layers.linear(
+        a,
+        weights["self_attention.query_key_value.weight"],
+        weights["self_attention.query_key_value.bias"],
+    )  # [T, (H+2G)*Dh]
+    q = qkv[:, : H * Dh].reshape(T, H, Dh)
+    k = qkv[:, H * Dh : (H + G) * Dh].reshape(T, G, Dh)
+    v = qkv[:, (H + G) * Dh :].reshape(T, G, Dh)
+    cos, sin = layers.rotary_table(positions, Dh // 2)
+    if rotary:
+        q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    if rotary == "qkv":
+        v = layers.apply_rotary(v, cos, sin)
+    if not scale:
+        q = (q * np.float32(np.sqrt(Dh))).astype(np.float32)
+    allowed = layers.causal_mask(T, T) if mask else np.ones((T, T), bool)
+    context = layers.attention(q, k, v, allowed).reshape(T, H * Dh)
+    x1 = x + layers.linear(context, weights["self_attention.dense.weight"])
+    m = layers.rms_norm(x if mlp_reads_x else x1, weights["post_attention_layernorm.weight"], eps)
+    return x1 + layers.swiglu(
+        m, weights["mlp.dense_h_to_4h.weight"], weights["mlp.dense_4h_to_h.weight"]
+    )
 
 
 def _block_mistakes() -> list[Mistake]:
@@ -499,6 +662,27 @@ def _block_mistakes() -> list[Mistake]:
                 )
             ),
         ),
+        Mistake(
+            "post_attention_layernorm is applied to the block's input x; the MLP reads "
+            "post_attention_layernorm(x1), x1 = x + attention output",
+            lambda *args: _block_with(*args, mlp_reads_x=True),
+        ),
+        Mistake(
+            "the block's attention has no causal mask: a token may not look at later tokens",
+            lambda *args: _block_with(*args, mask=False),
+        ),
+        Mistake(
+            "rotary is not applied: q and k are rotated at their positions before attention",
+            lambda *args: _block_with(*args, rotary=""),
+        ),
+        Mistake(
+            "rotary is applied to v too: it turns q and k only",
+            lambda *args: _block_with(*args, rotary="qkv"),
+        ),
+        Mistake(
+            "the attention scores are not scaled: divide q·k by sqrt(Dh)",
+            lambda *args: _block_with(*args, scale=False),
+        ),
     ]
 
 
@@ -516,6 +700,10 @@ def _decode_step(
     rotate_v=False,
     prepend=False,
     attend_new=True,
+    only_key_0=False,
+    v_from_k=False,
+    keep_old_cache=False,
+    round_robin=False,
 ):
     """One decode step with one of its steps done wrong (each flag names one)."""
     S, _, Dh = cache_k.shape
@@ -527,14 +715,22 @@ def _decode_step(
     parts_k, parts_v = (
         ([new_k, cache_k], [v, cache_v]) if prepend else ([cache_k, new_k], [cache_v, v])
     )
+    if v_from_k:
+        parts_v = [cache_v, k]
     keys, values = np.concatenate(parts_k), np.concatenate(parts_v)  # [S+1, G, Dh]
     if rerotate_cache:
         keys = ref.rotary(keys, np.arange(S + 1))
     query = q_r if rotate_q else q
-    if attend_new:
+    if only_key_0:  # np.tril(np.ones((1, S+1))): the mask of a first query, not of the last
+        out = layers.attention(query, keys, values, np.tril(np.ones((1, S + 1), bool)))
+    elif round_robin:
+        out = _round_robin(query, keys, values)
+    elif attend_new:
         out = layers.attention(query, keys, values)
     else:
         out = layers.attention(query, cache_k, cache_v)
+    if keep_old_cache:
+        return out, cache_k, cache_v
     return out, keys, values
 
 
@@ -581,14 +777,33 @@ def _kv_cache_step_mistakes() -> list[Mistake]:
             "itself (append first, then attend over all S+1 keys)",
             step(attend_new=False),
         ),
+        Mistake(
+            "the query sees only key 0: a causal mask built for a first query (np.tril) hides "
+            "the rest; the new token is the LAST position and sees all S + 1 keys (no mask "
+            "needed)",
+            step(only_key_0=True),
+        ),
+        Mistake(
+            "the value cache gets the new k instead of the new v: append v to cache_v",
+            step(v_from_k=True),
+        ),
+        Mistake(
+            "the caches are returned as they were given: return them with the new row S "
+            "appended (cache_k [S+1, G, Dh], cache_v [S+1, G, Dh])",
+            step(keep_old_cache=True),
+        ),
+        Mistake(
+            "heads are mapped to kv groups round-robin (h % G); ChatGLM2 uses blocks: h // (H/G)",
+            step(round_robin=True),
+        ),
     ]
 
 
 # ------------------------------------------------------------------------------- top_p
-def _nucleus(logits, p, order, mass_of_sorted, include_crossing=True):
-    """Keep order[:n] for the first n where the cumulative mass reaches p."""
+def _nucleus(logits, p, order, mass_of_sorted, include_crossing=True, extra=0):
+    """Keep order[:n] for the first n where the cumulative mass reaches p (and `extra` more)."""
     mass = np.cumsum(mass_of_sorted)
-    n = int(np.searchsorted(mass, p)) + (1 if include_crossing else 0)
+    n = int(np.searchsorted(mass, p)) + (1 if include_crossing else 0) + extra
     return {int(i) for i in order[: min(n, len(order))]}
 
 
@@ -618,6 +833,18 @@ def _top_p_mistakes() -> list[Mistake]:
             "tokens whose own probability is at least p are kept; top-p keeps the most likely "
             "tokens until their probabilities ADD UP to p",
             lambda lg, p: {int(i) for i in np.flatnonzero(softmax_1d(lg) >= p)},
+        ),
+        Mistake(
+            "one token past the boundary is kept: stop at the token that makes the total reach "
+            "p (searchsorted(total, p) + 1 tokens, not + 2)",
+            lambda lg, p: _nucleus(lg, p, descending(lg), softmax_1d(lg)[descending(lg)], extra=1),
+        ),
+        Mistake(
+            "the probabilities are not normalised (exp(logits - max) without dividing by the "
+            "sum): softmax makes them add up to 1 before the running total",
+            lambda lg, p: _nucleus(
+                lg, p, descending(lg), np.exp(lg - lg.max())[descending(lg)].astype(np.float64)
+            ),
         ),
     ]
 

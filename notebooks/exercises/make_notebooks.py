@@ -245,7 +245,8 @@ def notebook(number: int, name: str, text: str, signature: str, body: str, solve
         _cell(
             "markdown",
             title + text + "\n\nWrite the function, then run the check below: it "
-            "tries your function on many inputs and names the likely bug when one is wrong.",
+            "tries your function on many inputs and names the likely bug when one is wrong "
+            "(for a bug it has no name for, it says where and how your output is wrong).",
             f"{name}-intro",
         ),
         _cell("code", SETUP, f"{name}-setup"),
@@ -264,6 +265,74 @@ def notebook(number: int, name: str, text: str, signature: str, body: str, solve
     }
 
 
+# A bug the checker has no name for, one per exercise: the solved notebook shows what the check
+# says about it — where and how the output is wrong, and the step to re-read.
+UNCATALOGUED = {
+    "embedding": "def embedding(ids, table):\n    return table[(ids + 2) % len(table)]",
+    "rms_norm": "def rms_norm(x, weight, eps):\n"
+    "    return x / (np.mean(np.abs(x), axis=-1, keepdims=True) + eps) * weight",
+    "rotary": "def rotary(x, positions):\n"
+    "    R = x.shape[-1] // 2\n"
+    "    angles = positions[:, None] * 10000.0 ** (-np.arange(0, R, 2) / R)\n"
+    "    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]\n"
+    "    even, odd = x[..., 0:R:2], x[..., 1:R:2]\n"
+    "    out = x.copy()\n"
+    "    out[..., 0:R:2] = even * cos - odd * sin\n"
+    "    out[..., 1:R:2] = odd * cos + even * cos  # a typo: cos where sin belongs\n"
+    "    return out",
+    "attention": "from glm_numpy import layers\n\n\ndef attention(q, k, v):\n"
+    "    T = q.shape[0]\n"
+    "    return layers.attention(q, k[-T:], v[-T:])  # the cached keys are dropped",
+    "swiglu": "def swiglu(x, w_h_to_4h, w_4h_to_h):\n"
+    "    u = x @ w_h_to_4h.T\n"
+    "    F = u.shape[-1] // 2\n"
+    "    gate, up = u[:, :F], u[:, F:]\n"
+    "    return (np.log1p(np.exp(gate)) * up) @ w_4h_to_h.T  # softplus, not silu",
+    "lm_head": "def lm_head(x, w):\n"
+    "    return x @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T  # rows of w normalised",
+    "block": "from glm_numpy.exercises import references\n\n\n"
+    "def block(x, positions, weights, num_heads, num_kv_groups, eps):\n"
+    "    out = references.block(x, positions, weights, num_heads, num_kv_groups, eps)\n"
+    "    return out - x  # as if the first residual were missing",
+    "kv_cache_step": "from glm_numpy import layers\n\n\n"
+    "def kv_cache_step(q, k, v, cache_k, cache_v):\n"
+    "    S, G, Dh = cache_k.shape\n"
+    "    cos, sin = layers.rotary_table(np.array([S]), Dh // 2)\n"
+    "    q = layers.apply_rotary(q, cos, sin)\n"
+    "    cos, sin = layers.rotary_table(np.array([S + 2]), Dh // 2)\n"
+    "    k = layers.apply_rotary(k, cos, sin)\n"
+    "    cache_k, cache_v = np.concatenate([cache_k, k]), np.concatenate([cache_v, v])\n"
+    "    return layers.attention(q, cache_k, cache_v), cache_k, cache_v",
+    "top_p": "def top_p(logits, p):\n"
+    "    probs = np.exp(logits - logits.max())\n"
+    "    probs /= probs.sum()\n"
+    "    order = np.argsort(-probs)\n"
+    "    kept = int(np.searchsorted(np.cumsum(probs[order]), p)) + 4  # three too many\n"
+    "    return set(order[:kept].tolist())",
+}
+
+
+def uncatalogued_cells(name: str) -> list[dict]:
+    """The solved notebook's last cells: a bug the checker has no name for, and its hint."""
+    demo = (
+        f"{UNCATALOGUED[name]}\n\n\n"
+        f'result = check("{name}", {name})\n'
+        "print(result.likely_bug)\n"
+        'assert not result.passed and "recompute" not in result.likely_bug'
+    )
+    return [
+        _cell(
+            "markdown",
+            "## A bug the checker has no name for\n\nWhen no known mistake matches, the check "
+            "says where the output is wrong (which cases, rows, heads, channels) and how (a "
+            "factor, a shift, values moved, an input used in another's place…), and which step "
+            "to re-read:",
+            f"{name}-uncatalogued-intro",
+        ),
+        _cell("code", demo, f"{name}-uncatalogued"),
+    ]
+
+
 def main(folder: Path = HERE) -> None:
     """Write the student notebooks into ``folder`` and the solved ones into folder/solutions."""
     (folder / "solutions").mkdir(exist_ok=True)
@@ -271,6 +340,8 @@ def main(folder: Path = HERE) -> None:
         filename = f"{number:02d}-{name.replace('_', '-')}.ipynb"
         for destination, solved in ((folder, False), (folder / "solutions", True)):
             content = notebook(number, name, text, signature, body, solved)
+            if solved:
+                content["cells"] += uncatalogued_cells(name)
             (destination / filename).write_text(
                 json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
             )
