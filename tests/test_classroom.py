@@ -275,6 +275,9 @@ def test_student_code_leaves_out_the_test_cells(tmp_path):
     code = student_code(path)
     assert "def rotary(x, positions):" in code and 'check_part("rotary"' not in code
     assert "from glm_numpy.classroom import check_part" in code
+    notebook["cells"][1]["source"] = "%matplotlib inline\nimport numpy as np\n!ls"
+    path.write_text(json.dumps(notebook))
+    assert "# %matplotlib inline\nimport numpy as np\n# !ls" in student_code(path)
     path.write_text("not json")
     with pytest.raises(ValueError, match="not a readable notebook"):
         student_code(path)

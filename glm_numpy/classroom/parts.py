@@ -274,6 +274,7 @@ class _Graded:
     """One run of a student's function on an exercise: its outcomes and its check."""
 
     function: Callable
+    time_limit: float
     cases: list[Case]
     expected: list
     outcomes: list[Outcome]
@@ -285,7 +286,7 @@ _last_graded: dict[str, _Graded] = {}
 
 def _graded(name: str, student_fn: Callable, time_limit: float) -> _Graded:
     remembered = _last_graded.get(name)
-    if remembered is not None and remembered.function is student_fn:
+    if remembered and remembered.function is student_fn and remembered.time_limit == time_limit:
         return remembered
     exercise = exercise_named(name)
     cases = exercise.make_cases()
@@ -295,7 +296,9 @@ def _graded(name: str, student_fn: Callable, time_limit: float) -> _Graded:
         _, outcomes = run_cases(lambda: student_fn, [c.args for c in cases], time_limit)
     else:
         outcomes = [Outcome("error", error=f"expected a function, got {describe(student_fn)}")]
-    graded = _Graded(student_fn, cases, expected, outcomes, check(name, student_fn, time_limit))
+    graded = _Graded(
+        student_fn, time_limit, cases, expected, outcomes, check(name, student_fn, time_limit)
+    )
     _last_graded[name] = graded
     return graded
 

@@ -194,7 +194,8 @@ def _write_atomically(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- reading a course
 def student_code(notebook_path: Path) -> str:
-    """Every code cell of a student's notebook except nbgrader's test cells, as one script."""
+    """Every code cell of a student's notebook except nbgrader's test cells, as one script
+    (IPython magics commented out)."""
     try:
         cells = json.loads(notebook_path.read_text(encoding="utf-8"))["cells"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -204,8 +205,16 @@ def student_code(notebook_path: Path) -> str:
         grade_cell = cell.get("metadata", {}).get("nbgrader", {}).get("grade", False)
         if cell.get("cell_type") == "code" and not grade_cell:
             source = cell.get("source", "")
-            sources.append(source if isinstance(source, str) else "".join(source))
+            sources.append(_without_magics(source if isinstance(source, str) else "".join(source)))
     return "\n\n".join(sources) + "\n"
+
+
+def _without_magics(source: str) -> str:
+    """IPython's %magic and !shell lines commented out: they are not Python."""
+    lines = source.splitlines()
+    return "\n".join(
+        f"# {line}" if line.lstrip().startswith(("%", "!")) else line for line in lines
+    )
 
 
 def _diagnoses(notebook_path: Path, exercises: Sequence[str]) -> dict[str, dict]:
