@@ -261,11 +261,19 @@ def test_the_whole_nbgrader_loop_grades_three_students(tmp_path):
     # Each feedback file names the right bug at the failing cell, and only that one.
     feedback = {s: {a: _feedback_text(course, s, a) for a in LOOP} for s in STUDENTS}
     assert "AssertionError" not in feedback["alice"]["rotary"] + feedback["alice"][LOOP[1]]
-    assert rotate_half[0] in feedback["bob"]["rotary"]
+    assert rotate_half[0] in _grade_cell(feedback["bob"]["rotary"], "test-rotary-pairing")
     assert "Score: 2.0 / 5.0" in feedback["bob"]["rotary"]
     assert "AssertionError" not in feedback["bob"][LOOP[1]]
-    assert no_mask[0] in feedback["carol"][LOOP[1]]
-    assert rotate_half[0] not in feedback["carol"]["rotary"]
+    assert no_mask[0] in _grade_cell(feedback["carol"][LOOP[1]], "test-attention-causal-groups")
+    assert "AssertionError" not in _grade_cell(feedback["carol"][LOOP[1]], "test-attention-decode")
+    assert "AssertionError" not in feedback["carol"]["rotary"]
+
+
+def _grade_cell(feedback: str, grade_id: str) -> str:
+    """The text of one test cell in a feedback page, its output included."""
+    start = feedback.index(f"Grade cell: {grade_id}")
+    end = feedback.find("Grade cell:", start + 1)
+    return feedback[start : end if end > 0 else None]
 
 
 def test_student_code_leaves_out_the_test_cells(tmp_path):

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import tempfile
+import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,12 +165,14 @@ class ClassReport:
                 "the bar chart needs matplotlib: pip install 'glm-numpy[classroom]'"
             ) from None
         mistakes = self.common_mistakes()[::-1]  # the most common at the top
-        labels = [f"{e}: {_shorten(m, 60)}" for e, m, _, _ in mistakes]
-        figure, axes = plt.subplots(figsize=(9, 1.2 + 0.45 * len(mistakes)))
+        labels = [
+            textwrap.fill(f"{e}: {m}", 48, max_lines=3, placeholder=" …") for e, m, *_ in mistakes
+        ]
+        figure, axes = plt.subplots(figsize=(10, 1.5 + 0.6 * len(mistakes)))
         axes.barh(labels, [len(s) for *_, s in mistakes], color="#c0504d")
         axes.set_xlabel("students")
         axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.set_title(f"Most common mistakes: {', '.join(self.assignments)}")
+        figure.suptitle(f"Most common mistakes: {', '.join(self.assignments)}")
         figure.tight_layout()
         temporary = path.with_suffix(".png.part")
         figure.savefig(temporary, format="png", dpi=100)
@@ -180,10 +183,6 @@ class ClassReport:
 
 def _cell_text(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _write_atomically(path: Path, text: str) -> None:
