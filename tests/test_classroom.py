@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from glm_numpy.classroom import PARTS, check_part
@@ -77,6 +78,8 @@ def test_the_case_groups_cover_every_case_so_full_points_mean_the_check_passes()
             assert any(part.selects(case) for case in cases), (name, part.id, "selects no case")
         for case in cases:
             assert any(part.selects(case) for part in groups), (name, case.label, "in no part")
+        if name != "top_p":  # a set of ids has no dtype; every array output's dtype is a part
+            assert parts[0].id == "shape", name
 
 
 def test_partial_credit_for_a_rotate_half_rotary_and_an_unmasked_attention():
@@ -89,6 +92,22 @@ def test_partial_credit_for_a_rotate_half_rotary_and_an_unmasked_attention():
     attention = _function(UNMASKED_ATTENTION)
     earned = {p.id: check_part("attention", attention, p.id) for p in PARTS["attention"]}
     assert {k for k, r in earned.items() if r.passed} == {"shape", "decode"}
+
+
+def test_a_float64_rotary_loses_only_the_shape_point():
+    # check fails it (the model keeps float32); the values are right
+    right = _function(_solution("rotary"))
+    earned = {
+        p.id: check_part("rotary", lambda x, pos: right(x, pos).astype(np.float64), p.id).passed
+        for p in PARTS["rotary"]
+    }
+    assert earned == {
+        "shape": False,
+        "pass-through": True,
+        "pairing": True,
+        "angles": True,
+        "long-positions": True,
+    }
 
 
 def test_a_stub_or_a_non_function_earns_nothing_and_says_why():

@@ -3,12 +3,13 @@
     >>> result = check_part("rotary", rotary, "pairing")
     >>> result.passed, print(result.message)
 
-A part is either a group of the checker's cases (``case_group``: those outputs are right,
-grouped by the cases' tags) or a property every right answer has (the output's shape and dtype; for
-rotary, channels R..Dh-1 passed through and each interleaved pair turned, not mixed). The parts
-of an exercise that group cases cover all of them, so an answer earns every point exactly when
-``glm_numpy.exercises.check`` passes it. A part that is not earned says why, followed by the
-whole check's report (the first failing case, expected vs got, the likely bug).
+A part is either a group of the checker's cases (``case_group``: their outputs have the right
+values, grouped by the cases' tags) or a property every right answer has (the output's shape and
+float32 dtype; for rotary, channels R..Dh-1 passed through and each interleaved pair turned, not
+mixed). A wrong dtype costs only the shape part. The case groups cover every case, so an answer
+earns every point exactly when ``glm_numpy.exercises.check`` passes it. A part that is not
+earned says why, followed by the whole check's report (the first failing case, expected vs got,
+the likely bug).
 
 The student's function runs in the checker's sandbox (glm_numpy.exercises.runner), once per
 exercise: the outcomes and the check are remembered for as long as the same function is graded.
@@ -24,7 +25,7 @@ import numpy as np
 from glm_numpy.exercises import EXERCISES, CheckResult, check
 from glm_numpy.exercises.cases import Case
 from glm_numpy.exercises.check import DEFAULT_TIME_LIMIT, exercise_named
-from glm_numpy.exercises.compare import ArrayOutput, describe
+from glm_numpy.exercises.compare import describe
 from glm_numpy.exercises.runner import Outcome, run_cases
 
 # (cases, expected outputs, the student's outcomes) -> None when the part is earned, else why not
@@ -104,10 +105,11 @@ def _right_on(selects: Callable[[Case], bool], exercise_name: str) -> Rule:
                 continue
             if outcome.kind != "value":
                 return _not_returned(i, case, outcome)
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"):  # right values in any dtype: the shape part
+                if output.close(expected[i], outcome.value):  # takes the dtype's point
+                    continue
                 mismatch = output.compare(expected[i], outcome.value)
-            if mismatch:
-                return f"case {i + 1} ({case.label}) is wrong: {mismatch.summary}"
+            return f"case {i + 1} ({case.label}) is wrong: {mismatch.summary}"
         return None
 
     return rule
@@ -130,12 +132,14 @@ def _rotary_channels(rule_for_case) -> Rule:
         for i, case, outcome in _outcomes(cases, outcomes):
             if outcome.kind != "value":
                 return _not_returned(i, case, outcome)
-            problem = _shape_problem(expected[i], outcome.value)
-            if problem:
+            x, out = case.args[0], outcome.value
+            if not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype.kind != "f":
+                problem = f"returned {describe(out)}, expected the shape of x"
                 return f"case {i + 1} ({case.label}): {problem}"
-            x = case.args[0]
-            with np.errstate(all="ignore"):
-                problem = rule_for_case(x, outcome.value, x.shape[-1] // 2)
+            with np.errstate(all="ignore"):  # any float dtype: the shape part checks float32
+                problem = rule_for_case(
+                    x.astype(np.float64), out.astype(np.float64), x.shape[-1] // 2
+                )
             if problem:
                 return f"case {i + 1} ({case.label}): {problem}"
         return None
@@ -143,20 +147,21 @@ def _rotary_channels(rule_for_case) -> Rule:
     return rule
 
 
-_ROTARY_TOLERANCE = ArrayOutput(atol=2e-3, rtol=2e-3, name="channels R..Dh-1")
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, atol=2e-3, rtol=2e-3))  # the rotary checker's tolerance
 
 
 def _passes_through(x, out, R) -> str | None:
-    mismatch = _ROTARY_TOLERANCE.compare(x[..., R:], out[..., R:])
-    return None if mismatch is None else f"{mismatch.summary} (they must equal x's)"
+    if _close(out[..., R:], x[..., R:]):
+        return None
+    return "channels R..Dh-1 changed; they must equal x's (only the first R = Dh/2 rotate)"
 
 
 def _pair_lengths(x, out, R) -> str | None:
     def lengths(a):  # [T, N, R/2]: the length of each interleaved pair (2i, 2i+1)
-        a = a.astype(np.float64)
         return np.hypot(a[..., 0:R:2], a[..., 1:R:2])
 
-    if np.allclose(lengths(out), lengths(x), atol=2e-3, rtol=2e-3):
+    if _close(lengths(out), lengths(x)):
         return None
     return (
         "an interleaved pair (2i, 2i+1) of the first R channels changed its length, so it was "
@@ -229,6 +234,7 @@ PARTS: dict[str, list[Part]] = {
         case_group("swiglu", "values", 2, "every case: silu(gate) * up, projected down"),
     ],
     "block": [
+        _shape_part(),
         case_group(
             "block",
             "mlp-half",
