@@ -314,7 +314,31 @@ def test_teaching_guide_names_the_commands_and_every_assignment():
     guide = (ROOT / "docs" / "teaching.md").read_text()
     for command in ("glm-numpy classroom init", "glm-numpy classroom report", "check --json"):
         assert command in guide
-    for name, assignment in ASSIGNMENTS.items():
-        assert f"`{name}`" in guide and f"{assignment.points}" in guide
+    for name, assignment in ASSIGNMENTS.items():  # the table of assignments is up to date
+        row = (
+            rf"\| `{name}` \| {', '.join(assignment.exercises)} \| [^|]+ \| {assignment.points} \|"
+        )
+        assert re.search(row, guide), name
     for notebook in {n for a in ASSIGNMENTS.values() for n in a.teaching}:
         assert (ROOT / "notebooks" / notebook).is_file(), notebook
+
+
+def test_the_report_counts_mistakes_and_drops_a_stale_chart(tmp_path):
+    from glm_numpy.classroom.report import ClassReport, ExerciseRow, result_record
+
+    wrong = result_record(check("rotary", _function(ROTATE_HALF_ROTARY)))
+    right = result_record(check("rotary", _function(_solution("rotary"))))
+    rows = [
+        ExerciseRow("ann", "rotary", "rotary", 2, 5, wrong),
+        ExerciseRow("ben", "rotary", "rotary", 2, 5, wrong),
+        ExerciseRow("cat", "rotary", "rotary", 5, 5, right),
+    ]
+    report = ClassReport(("rotary",), rows)
+    assert report.common_mistakes() == [("rotary", wrong["mistake"], True, ["ann", "ben"])]
+    assert report.totals()["cat"] == (5, 5)
+    assert f"| 2 | rotary | {wrong['mistake']} | yes | ann, ben |" in report.markdown()
+    written = report.write(tmp_path)
+    assert [p.name for p in written] == ["rotary.md", "rotary.json", "rotary.png"]
+    ClassReport(("rotary",), rows[2:]).write(tmp_path)
+    assert not (tmp_path / "rotary.png").exists()
+    assert "No exercise failed." in (tmp_path / "rotary.md").read_text()

@@ -149,8 +149,11 @@ class ClassReport:
         written = [base.with_suffix(".md"), base.with_suffix(".json")]
         _write_atomically(written[0], self.markdown())
         _write_atomically(written[1], json.dumps(self.as_json(), indent=1, ensure_ascii=False))
+        chart = base.with_suffix(".png")
         if self.common_mistakes():
-            written.append(self.bar_chart(base.with_suffix(".png")))
+            written.append(self.bar_chart(chart))
+        else:
+            chart.unlink(missing_ok=True)  # an earlier run's chart would no longer be true
         return written
 
     def bar_chart(self, path: Path) -> Path:
@@ -169,7 +172,9 @@ class ClassReport:
             textwrap.fill(f"{e}: {m}", 48, max_lines=3, placeholder=" …") for e, m, *_ in mistakes
         ]
         figure, axes = plt.subplots(figsize=(10, 1.5 + 0.6 * len(mistakes)))
-        axes.barh(labels, [len(s) for *_, s in mistakes], color="#c0504d")
+        rows = range(len(mistakes))  # positions, not categories: equal labels stay apart
+        axes.barh(rows, [len(s) for *_, s in mistakes], color="#c0504d")
+        axes.set_yticks(rows, labels)
         axes.set_xlabel("students")
         axes.xaxis.get_major_locator().set_params(integer=True)
         figure.suptitle(f"Most common mistakes: {', '.join(self.assignments)}")
