@@ -48,8 +48,6 @@ def attention(q, k, v):
 
 
 def _function(source: str):
-    import numpy as np
-
     namespace = {"np": np}
     exec(source, namespace)
     return next(v for k, v in namespace.items() if k in EXERCISE_NAMES)
@@ -169,9 +167,12 @@ def test_report_errors_are_one_line(tmp_path):
     done = _cli("classroom", "report", str(tmp_path), "rotary")
     assert done.returncode == 2 and "no gradebook" in done.stderr
     assert done.stderr.count("\n") == 1
-    (tmp_path / "gradebook.db").write_bytes(b"")
     done = _cli("classroom", "report", str(tmp_path), "no-such-assignment")
     assert done.returncode == 2 and "the assignments are embedding-and-norm" in done.stderr
+    pytest.importorskip("nbgrader")
+    (tmp_path / "gradebook.db").write_text("not a database, but a note")
+    done = _cli("classroom", "report", str(tmp_path), "rotary")
+    assert done.returncode == 2 and "gradebook.db: not an nbgrader gradebook" in done.stderr
 
 
 # ----------------------------------------------------------------------------- check --json

@@ -232,6 +232,7 @@ def _diagnoses(notebook_path: Path, exercises: Sequence[str]) -> dict[str, dict]
 
 def class_report(course_dir: str | Path, assignments: Sequence[str]) -> ClassReport:
     """The report over ``assignments`` of the nbgrader course at ``course_dir`` (autograded)."""
+    chosen = [assignment_named(name) for name in assignments]  # unknown names fail first
     course = Path(course_dir)
     database = course / "gradebook.db"
     if not database.is_file():
@@ -245,9 +246,13 @@ def class_report(course_dir: str | Path, assignments: Sequence[str]) -> ClassRep
             "reading the gradebook needs nbgrader: pip install 'glm-numpy[classroom]'"
         ) from None
     rows: list[ExerciseRow] = []
-    with Gradebook(f"sqlite:///{database.resolve()}") as gradebook:
-        for name in assignments:
-            assignment = assignment_named(name)
+    try:
+        gradebook = Gradebook(f"sqlite:///{database.resolve()}")
+    except Exception as error:  # sqlalchemy's errors: whatever the file holds, say which file
+        raise ValueError(f"{database}: not an nbgrader gradebook ({error})") from None
+    with gradebook:
+        for assignment in chosen:
+            name = assignment.name
             try:
                 submissions = gradebook.find_assignment(name).submissions
             except MissingEntry:
