@@ -10,10 +10,11 @@
     glm-numpy check FILE.py          grade a student's exercise file (glm_numpy.exercises)
     glm-numpy diff --model A --model B PROMPT   where two models' runs first part, layer by layer
     glm-numpy lens PROMPT            the logit lens: each layer's top next tokens
+    glm-numpy classroom init|report  nbgrader assignments and a class report (docs/teaching.md)
+    glm-numpy warmup                 compile every kernel now (glm_numpy.warmup)
 
 Model commands take --family chatglm2|chatglm3|codegeex2 when the directory does not show it
 (glm_numpy.family); chat takes ChatGLM3's --system and --tools, generate CodeGeeX2's --language.
-    glm-numpy warmup                 compile every kernel now (glm_numpy.warmup)
 
 Each subcommand is a pair registered in COMMANDS: ``add_<name>_parser(subparsers)`` declares
 its arguments and ``run_<name>(args) -> exit code`` does the work. Bad input of any kind is
@@ -636,7 +637,13 @@ def add_check_parser(subparsers) -> None:
         description="Grade FILE.py, which defines the exercise functions by name: "
         f"{', '.join(EXERCISE_NAMES)}. Exit code 1 if any fails.",
     )
-    parser.add_argument("file", metavar="FILE.py")
+    parser.add_argument("file", metavar="FILE.py", nargs="+", help="one file per student")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as JSON (per file and exercise: passed, cases, likely bug, "
+        "mistake) for a class report",
+    )
     parser.add_argument(
         "--exercise",
         action="append",
@@ -650,14 +657,76 @@ def add_check_parser(subparsers) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    import json
+
+    from glm_numpy.classroom.report import result_record
     from glm_numpy.exercises import grade_file
 
+    missing = [name for name in args.file if not Path(name).is_file()]
+    if missing:
+        raise CliError(f"{missing[0]}: no such file to grade")
+    reports = [grade_file(name, args.exercise, time_limit=args.time_limit) for name in args.file]
+    if args.json:
+        files = [
+            {
+                "file": str(r.path),
+                "passed": r.passed,
+                "exercises": list(map(result_record, r.results)),
+            }
+            for r in reports
+        ]
+        print(json.dumps(files, indent=1, ensure_ascii=False))
+    else:
+        print("\n\n".join(report.format() for report in reports))
+    return 0 if all(report.passed for report in reports) else 1
+
+
+# ---------------------------------------------------------------------------- classroom
+def add_classroom_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "classroom",
+        help="nbgrader assignments from the exercises, and a class report",
+        description="A teacher's guide: docs/teaching.md.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    init = actions.add_parser("init", help="write an nbgrader course: one assignment per part")
+    init.add_argument("course_dir", metavar="COURSE_DIR")
+    init.add_argument("--course-id", default="glm-numpy", help="nbgrader's course id")
+    report = actions.add_parser("report", help="points, diagnoses, most common mistakes")
+    report.add_argument("course_dir", metavar="COURSE_DIR")
+    report.add_argument("assignments", metavar="ASSIGNMENT", nargs="+")
+    report.add_argument(
+        "--output", metavar="DIR", help="where to write .md, .json, .png (COURSE_DIR/reports)"
+    )
+
+
+def run_classroom(args: argparse.Namespace) -> int:
+    from glm_numpy.classroom.course import ASSIGNMENTS, write_course
+
+    if args.action == "init":
+        try:
+            written = write_course(args.course_dir, args.course_id)
+        except OSError as err:
+            raise CliError(str(err)) from None
+        for path in written:
+            print(path)
+        print(
+            f"assignments: {', '.join(ASSIGNMENTS)}; next: cd {args.course_dir} && "
+            "nbgrader generate_assignment ASSIGNMENT"
+        )
+        return 0
+    from glm_numpy.classroom.report import class_report
+
     try:
-        report = grade_file(args.file, args.exercise, time_limit=args.time_limit)
-    except FileNotFoundError as err:
-        raise CliError(str(err)) from None
-    print(report.format())
-    return 0 if report.passed else 1
+        report = class_report(args.course_dir, args.assignments)
+        written = report.write(args.output or Path(args.course_dir) / "reports")
+    except (OSError, KeyError, ImportError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) else str(err)
+        raise CliError(message) from None
+    print(report.markdown())
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- diff and lens
@@ -787,6 +856,7 @@ COMMANDS: dict[str, Command] = {
     "diff": (add_diff_parser, run_diff),
     "lens": (add_lens_parser, run_lens),
     "warmup": (add_warmup_parser, run_warmup),
+    "classroom": (add_classroom_parser, run_classroom),
 }
 
 
