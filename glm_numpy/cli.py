@@ -372,7 +372,7 @@ def add_quantize_parser(subparsers) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from glm_numpy.quantize import quantize_checkpoint
+    from glm_numpy.checkpoint.quantize import quantize_checkpoint
 
     try:
         path = quantize_checkpoint(
