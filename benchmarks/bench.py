@@ -366,7 +366,8 @@ def markdown(report: dict) -> str:
         "",
         *llamacpp_ratios(report["results"], PROMPTS),
         "",
-        "llama.cpp (llama-cpp-python, built with -DGGML_NATIVE=ON, 2 threads, its f16 KV cache) "
+        "llama.cpp (llama-cpp-python built for AVX-512 with VNNI, without AMX, which crashes these "
+        "VMs; 2 threads, its f16 KV cache) "
         "runs the same random weights exported by `glm-numpy export-gguf` from the fp16 "
         "checkpoint; q4_0 keeps its output layer q8_0. Above 1 glm_numpy is faster (peak RSS: "
         "uses more).",

@@ -96,8 +96,10 @@ def test_vocabulary_covers_the_embedding_with_special_tokens(tiny_files):
     tokens, types = values["tokenizer.ggml.tokens"], values["tokenizer.ggml.token_type"]
     tokenizer = ChatGLM2Tokenizer(DEFAULT_TOKENIZER)
     assert len(tokens) == 8064
+    # "sop"/"eop" become "<sop>"/"<eop>": "s" + "op" would merge into a token named "sop"
+    names = {"[MASK]": "[MASK]", "[gMASK]": "[gMASK]", "[sMASK]": "[sMASK]", "sop": "<sop>"}
     for name, token_id in tokenizer.special_ids.items():
-        assert (tokens[token_id], types[token_id]) == (name, 3)  # CONTROL
+        assert (tokens[token_id], types[token_id]) == (names.get(name, "<eop>"), 3)  # CONTROL
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and tokens[3] == "<0x00>" and types[3] == 6
     assert tokens[-1] == "[PAD8063]" and types[-1] == 5  # UNUSED: rows the tokenizer never uses
     assert values["tokenizer.ggml.scores"][500] == pytest.approx(tokenizer.sp.GetScore(500))
@@ -207,7 +209,9 @@ def assert_same_tokens(llm, tokenizer: ChatGLM2Tokenizer):
         ours = tokenizer.encode(text, add_special_tokens=False)
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         assert theirs == ours, text
-        assert llm.detokenize(theirs).decode("utf-8") == tokenizer.decode(ours), text
+        # llama-cpp-python's detokenize keeps the "▁" SentencePiece puts before the text
+        text_back = llm.detokenize(theirs).decode("utf-8")
+        assert text_back.removeprefix(" ") == tokenizer.decode(ours), text
 
 
 def test_llamacpp_tokenises_like_chatglm2_real_tokenizer(llama_cpp, tmp_path, real_tokenizer_path):
@@ -221,13 +225,14 @@ def test_llamacpp_tokenises_like_chatglm2_real_tokenizer(llama_cpp, tmp_path, re
 def test_llamacpp_f16_agrees_with_glm_numpy(llama_cpp, source, tiny, tmp_path):
     directory = default_model_path() if source == "default" else tiny
     path = write_gguf(directory, tmp_path / "model.gguf", progress=False)
-    llm = open_llama(llama_cpp, path)
+    llm = open_llama(llama_cpp, path, logits_all=True)  # keeps the logits in llm.scores
     tokenizer = ChatGLM2Tokenizer.from_pretrained(directory)
     assert_same_tokens(llm, tokenizer)
     prompt = tokenizer.build_chat_input("What is the capital of France? 你好")
     theirs, their_ids = llama_greedy(llm, prompt, 16)
     ours, our_ids = numpy_greedy(ChatGLM2.from_pretrained(directory), prompt, 16)
     error = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    print(f"{source}: logits relative error {error:.2e}, greedy {their_ids} vs {our_ids}")
     assert error < 5e-3, f"last-token logits differ by {error:.2e} (relative)"
     assert their_ids == our_ids
 

@@ -4,7 +4,8 @@
 
 The file holds everything llama.cpp needs and nothing else does: the hyper-parameters, the
 weights under llama.cpp's names, the SentencePiece vocabulary (pieces, scores, token types) with
-ChatGLM2's five special tokens after it, and the chat template. llama.cpp then tokenises as
+ChatGLM2's five special tokens after it (sop and eop spelled <sop> and <eop>: gguf_vocabulary
+says why), and the chat template. llama.cpp then tokenises as
 ChatGLM2Tokenizer does and its chat mode (``--jinja``, the default) builds the same prompt.
 
 Tensor names and shapes (llama.cpp src/models/chatglm.cpp; GGUF lists dims fastest first, so a
@@ -59,17 +60,17 @@ ROPE_FREQ_BASE = 10000.0
 QUANT_CHUNK_ROWS = 1024  # rows quantised at a time: bounds the float32 temporaries
 
 # ChatGLM2's prompt (tokenizer.build_prompt, spec §4.4) as a Jinja template over chat messages:
-# each user turn opens round i and ends with "答：", each assistant turn is the reply and the
-# two line feeds that close the round. ChatGLM2 has no system role.
+# the two prefix tokens, then each user turn opens round i and ends with "答：", each assistant
+# turn is the reply and the two line feeds that close the round. ChatGLM2 has no system role.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(round=0) -%}"
-    "[gMASK]sop"
+    "{PREFIX}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{%- set ns.round = ns.round + 1 -%}"
     "[Round {{ ns.round }}]\n\n问：{{ message['content'] }}\n\n答："
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ message['content'] }}\n\n"
+    "{{ message['content'] + '\\n\\n' }}"  # in an expression: {%- would strip bare \n
     "{%- else -%}"
     "{{ raise_exception('ChatGLM2 has only user and assistant messages, not ' + message['role']) }}"
     "{%- endif -%}"
@@ -224,6 +225,11 @@ def gguf_vocabulary(
     The SentencePiece pieces keep their ids, text, scores and kinds; ChatGLM2's special tokens
     follow as CONTROL tokens; the rows past them (the padded vocabulary) get placeholder
     [PAD<id>] names as UNUSED tokens, so that the token list matches the embedding.
+
+    A special token is named as ChatGLM2 names it unless two pieces spell it ("s" + "op" is
+    "sop"): llama.cpp's SentencePiece merges pairs of symbols into any token of the list, of
+    whatever kind, so plain text "sop" would become the special token. Such a token is written
+    "<sop>" (GLM-4's spelling), which no merge reaches; its id is unchanged.
     """
     sp = tokenizer.sp
     n = sp.GetPieceSize()
@@ -235,7 +241,8 @@ def gguf_vocabulary(
     pieces = [sp.IdToPiece(i) for i in range(n)]
     scores = [sp.GetScore(i) for i in range(n)]
     types = [_piece_type(sp, i) for i in range(n)]
-    pieces += list(SPECIAL_TOKENS)
+    vocabulary = set(pieces)
+    pieces += [_unmergeable(name, vocabulary) for name in SPECIAL_TOKENS]
     scores += [0.0] * len(SPECIAL_TOKENS)
     types += [CONTROL] * len(SPECIAL_TOKENS)
     pads = range(len(pieces), vocab_size)
@@ -244,6 +251,11 @@ def gguf_vocabulary(
         scores + [0.0] * len(pads),
         types + [UNUSED] * len(pads),
     )
+
+
+def _unmergeable(name: str, vocabulary: set[str]) -> str:
+    spelled = any(name[:k] in vocabulary and name[k:] in vocabulary for k in range(1, len(name)))
+    return f"<{name}>" if spelled else name
 
 
 def _piece_type(sp, i: int) -> int:
@@ -275,7 +287,8 @@ def _add_vocabulary(writer, tokenizer: ChatGLM2Tokenizer, vocab_size: int) -> No
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_unk_token_id(tokenizer.unk_id)
     writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    prefix = "".join(pieces[i] for i in tokenizer.prefix_ids)  # [gMASK] <sop>
+    writer.add_chat_template(CHAT_TEMPLATE.replace("{PREFIX}", prefix))
 
 
 __all__ = ["CHAT_TEMPLATE", "GGUF_TYPES", "gguf_vocabulary", "write_gguf"]
