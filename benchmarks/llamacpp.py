@@ -33,16 +33,16 @@ def gguf_file(checkpoints: Path, type: str, tokenizer: Path) -> Path:  # noqa: A
     return path
 
 
-def run_llamacpp(path: Path, prompts, decode_steps: int, prompt_ids, measure) -> dict:
+def run_llamacpp(path: Path, prompts, prompt_ids, timed_decode, measure) -> dict:
     """One GGUF file: the fields bench.measurements gives for glm_numpy, through ``measure``.
 
-    prompt_ids(vocab) and measure(bandwidth, first_token, steps, prefill, weights, config) are
-    bench.py's, so both runtimes see the same prompt and report the same way.
+    prompt_ids(vocab), timed_decode(decode_one) and measure(bandwidth, first_token, steps,
+    prefill, weights, config) are bench.py's, so both runtimes see the same prompt, are timed
+    the same way and report the same fields.
     """
     import llama_cpp
-    from bench import timed_decode
 
-    from glm_numpy.config import ChatGLM2Config  # benchmarks/ is the script's directory
+    from glm_numpy.config import ChatGLM2Config
 
     start = time.perf_counter()
     llm = llama_cpp.Llama(
