@@ -142,14 +142,22 @@ def test_refuses_quantised_sources_existing_files_and_bad_types(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf", "int8"]
 
 
-def test_a_failure_leaves_no_file_behind(tiny, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny, broken)
-    shard = next(broken.glob("model-00002-*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:-100])  # the last tensor is cut short
-    with pytest.raises(CheckpointError):
-        write_gguf(broken, tmp_path / "x.gguf", progress=False)
-    assert not list(tmp_path.glob("*x.gguf*"))
+def test_a_failure_while_writing_leaves_no_file_behind(tiny, tmp_path, monkeypatch):
+    import glm_numpy.export.gguf as export
+
+    written = []
+
+    def fail_on_the_fifth(array, ggml_type):
+        written.append(array.shape)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # Ctrl-C halfway through the tensors
+        return stored(array, ggml_type)
+
+    stored = export._stored
+    monkeypatch.setattr(export, "_stored", fail_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(tiny, tmp_path / "x.gguf", progress=False)
+    assert len(written) == 5 and list(tmp_path.iterdir()) == []
 
 
 def test_tokenizer_that_does_not_fit_the_embedding_is_refused(tmp_path, real_tokenizer_path):
