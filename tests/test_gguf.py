@@ -226,7 +226,33 @@ def test_llamacpp_tokenises_like_chatglm2_real_tokenizer(llama_cpp, tmp_path, re
     source = tiny_with_tokenizer(tmp_path / "tiny", real_tokenizer_path, 65024)
     path = write_gguf(source, tmp_path / "vocab.gguf", progress=False)
     llm = open_llama(llama_cpp, path, vocab_only=True)
-    assert_same_tokens(llm, ChatGLM2Tokenizer(real_tokenizer_path))
+    tokenizer = ChatGLM2Tokenizer(real_tokenizer_path)
+    assert_same_tokens(llm, tokenizer)
+    for text in random_texts(500):
+        ours = tokenizer.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ours, text
+
+
+def random_texts(count: int, seed: int = 0) -> list[str]:
+    """Slices of the repository's docs (English, Chinese, code, markdown) and strings of random
+    ASCII, CJK, emoji, control and Latin-1/Cyrillic characters."""
+    import random
+
+    rng = random.Random(seed)
+    root = Path(__file__).resolve().parents[1]
+    docs = [(root / "docs" / name).read_text(encoding="utf-8") for name in ("usage.md",)]
+    docs.append((default_model_path() / "MODEL_CARD.md").read_text(encoding="utf-8"))
+    ranges = [(32, 127), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF), (0, 32), (0x80, 0x800)]
+    texts = []
+    for _ in range(count):
+        if rng.random() < 0.7:
+            doc = rng.choice(docs)
+            start = rng.randrange(len(doc))
+            texts.append(doc[start : start + rng.randrange(1, 80)])
+        else:
+            picks = [rng.choice(ranges) for _ in range(rng.randrange(1, 30))]
+            texts.append("".join(chr(rng.randrange(*r)) for r in picks))
+    return texts
 
 
 @pytest.mark.parametrize("source", ["default", "tiny"])
