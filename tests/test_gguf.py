@@ -128,6 +128,18 @@ def test_bin_and_safetensors_sources_give_the_same_file(tmp_path):
         np.testing.assert_array_equal(np.asarray(x.data), np.asarray(y.data))
 
 
+def test_bf16_source_is_written_f16(tmp_path):
+    from glm_numpy.checkpoint import load_checkpoint
+
+    source = tiny_with_tokenizer(tmp_path / "bf16", DEFAULT_TOKENIZER, 8064, dtype="bfloat16")
+    path = write_gguf(source, tmp_path / "m.gguf", progress=False)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.ffn_up.weight")
+    weight = load_checkpoint(source)["transformer.encoder.layers.1.mlp.dense_h_to_4h.weight"]
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.F16
+    expected = to_float32(weight).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(tensor.data).reshape(weight.shape), expected)
+
+
 def test_refuses_quantised_sources_existing_files_and_bad_types(tiny, tmp_path):
     quantized = quantize_checkpoint(tiny, tmp_path / "int8", bits=8, progress=False)
     with pytest.raises(CheckpointError, match="export from the 16-bit checkpoint"):
