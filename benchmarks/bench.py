@@ -453,7 +453,7 @@ def llamacpp_ratios(results: dict, prompts) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", type=Path, required=True, metavar="CKPT")
+    parser.add_argument("--checkpoints", type=Path, metavar="CKPT", help="required")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-llamacpp", action="store_true")
@@ -470,6 +470,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.checkpoints is None:
+        parser.error("--checkpoints CKPT is required (the directory of the 6b-* checkpoints)")
     from glm_numpy import kernels  # noqa: F401  (sets OpenMP's spin before numba's pool starts)
 
     report = {
