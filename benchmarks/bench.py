@@ -433,7 +433,7 @@ def chart(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def gguf_file(args: argparse.Namespace, type: str) -> Path:  # noqa: A002
+def gguf_file(args: argparse.Namespace, type: str) -> Path:
     """CKPT/6b-<type>.gguf, exported from the fp16 checkpoint the first time."""
     from llamacpp import gguf_file as exported
 

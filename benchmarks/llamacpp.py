@@ -23,7 +23,7 @@ GGUF_SOURCE = "6b-safetensors"  # the fp16 checkpoint every GGUF is exported fro
 THREADS = 2
 
 
-def gguf_file(checkpoints: Path, type: str, tokenizer: Path) -> Path:  # noqa: A002
+def gguf_file(checkpoints: Path, type: str, tokenizer: Path) -> Path:
     """CHECKPOINTS/6b-<type>.gguf, exported from the fp16 checkpoint if it is not there yet."""
     from glm_numpy.export import write_gguf
 

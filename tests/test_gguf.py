@@ -185,6 +185,11 @@ def test_cli_export_gguf(tiny, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export-gguf", str(tmp_path / "nothing"), str(tmp_path / "n.gguf")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    bare = write_tiny_checkpoint(tmp_path / "bare", padded_vocab_size=8064)  # no tokenizer.model
+    assert main(["export-gguf", str(bare), str(tmp_path / "n.gguf")]) == 2
+    assert "--tokenizer FILE" in capsys.readouterr().err
+    tokenizer = ["--tokenizer", str(DEFAULT_TOKENIZER)]
+    assert main(["export-gguf", str(bare), str(tmp_path / "n.gguf"), *tokenizer]) == 0
 
 
 # --- llama.cpp round trip ----------------------------------------------------------------

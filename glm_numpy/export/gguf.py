@@ -84,7 +84,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 def write_gguf(
     src_dir: str | Path,
     dst_path: str | Path,
-    type: str = "f16",  # noqa: A002 - the name the command line and the issue use
+    type: str = "f16",  # the name the command line and the issue use
     *,
     tokenizer: str | Path | None = None,
     progress: bool = True,
@@ -104,35 +104,46 @@ def write_gguf(
             f"{src}: quantised checkpoint (quantization_bit={config.quantization_bit}); export "
             "from the 16-bit checkpoint, and choose the GGUF type with --type"
         )
+    if tokenizer is None and not (src / "tokenizer.model").is_file():
+        raise CheckpointError(
+            f"{src}: no tokenizer.model here; name one with tokenizer= (--tokenizer FILE)"
+        )
     sp = ChatGLM2Tokenizer(Path(tokenizer) if tokenizer else src / "tokenizer.model")
     checkpoint = load_checkpoint(src)
     validate_checkpoint(checkpoint, config)
-    plan = list(tensor_plan(config, type))
 
     with temporary_file(dst) as work:
         writer = gguf.GGUFWriter(work, ARCHITECTURE)
-        _add_metadata(writer, config, src, type)
-        _add_vocabulary(writer, sp, config.padded_vocab_size)
-        for name, gguf_name, ggml_type in plan:
-            writer.add_tensor_info(
-                gguf_name,
-                checkpoint[name].shape,
-                np.dtype(np.float32),  # ignored: raw_dtype says what is stored
-                _stored_nbytes(checkpoint[name].shape, ggml_type),
-                raw_dtype=ggml_type,
-            )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(checkpoint[name].nbytes for name, _, _ in plan)
-        with progress_bar(total, progress, f"gguf {type}") as bar:
-            for name, _, ggml_type in plan:
-                array = checkpoint[name]
-                writer.write_tensor_data(_stored(array, ggml_type))
-                bar.update(array.nbytes)
-                release_pages(array)
-        writer.close()
+        try:
+            _write(writer, checkpoint, config, sp, src, type, progress)
+        finally:
+            writer.close()
     return dst
+
+
+def _write(writer, checkpoint, config, sp, src: Path, type: str, progress: bool) -> None:
+    """Metadata, vocabulary, tensor infos, then the tensors one at a time."""
+    plan = list(tensor_plan(config, type))
+    _add_metadata(writer, config, src, type)
+    _add_vocabulary(writer, sp, config.padded_vocab_size)
+    for name, gguf_name, ggml_type in plan:
+        writer.add_tensor_info(
+            gguf_name,
+            checkpoint[name].shape,
+            np.dtype(np.float32),  # ignored: raw_dtype says what is stored
+            _stored_nbytes(checkpoint[name].shape, ggml_type),
+            raw_dtype=ggml_type,
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = sum(checkpoint[name].nbytes for name, _, _ in plan)
+    with progress_bar(total, progress, f"gguf {type}") as bar:
+        for name, _, ggml_type in plan:
+            array = checkpoint[name]
+            writer.write_tensor_data(_stored(array, ggml_type))
+            bar.update(array.nbytes)
+            release_pages(array)
 
 
 def _config(src: Path) -> ChatGLM2Config:
@@ -144,7 +155,7 @@ def _config(src: Path) -> ChatGLM2Config:
         raise CheckpointError(str(err)) from None
 
 
-def tensor_plan(config: ChatGLM2Config, type: str) -> Iterator[tuple[str, str, int]]:  # noqa: A002
+def tensor_plan(config: ChatGLM2Config, type: str) -> Iterator[tuple[str, str, int]]:
     """(official name, GGUF name, ggml type) of every tensor written, in file order."""
     T = gguf.GGMLQuantizationType
     wide = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[type]
@@ -197,7 +208,7 @@ def _stored(array: np.ndarray, ggml_type: int) -> np.ndarray:
     )
 
 
-def _add_metadata(writer, config: ChatGLM2Config, src: Path, type: str) -> None:  # noqa: A002
+def _add_metadata(writer, config: ChatGLM2Config, src: Path, type: str) -> None:
     writer.add_name(src.resolve().name)
     writer.add_context_length(config.seq_length)
     writer.add_embedding_length(config.hidden_size)
