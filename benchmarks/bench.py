@@ -1,7 +1,7 @@
 """Benchmark glm_numpy on the full-size random ChatGLM2-6B, format by format, beside torch.
 
     python -m pip install -e ".[bench]"
-    python benchmarks/bench.py --checkpoints /work/ckpt
+    python benchmarks/bench.py --checkpoints CKPT
 
 expects under --checkpoints (see docs/performance.md for the commands that make them):
     6b-safetensors  fp16 (glm-numpy make-random-checkpoint + convert)
@@ -13,9 +13,11 @@ expects under --checkpoints (see docs/performance.md for the commands that make 
 and measures in ONE run: the memory read bandwidth; numpy's fp32 sgemm GFLOP/s; for each format
 (each in its own subprocess, one after the other, so only one model is ever in memory) the time
 from opening the checkpoint to the first token, prefill tokens/s for 16/128/512-token prompts,
-decode tokens/s, peak RSS; and transformers' GlmForCausalLM in bf16 on the same weights (2
-threads, SDPA). Writes docs/performance.json, docs/performance.md (tables) and
-docs/performance.png. Not a test: it needs the 12.5 GB checkpoints and ~20 minutes.
+decode tokens/s, peak RSS; llama.cpp on the same weights exported to f16 / q8_0 / q4_0 GGUF
+(exported once, kept as CKPT/6b-<type>.gguf; benchmarks/llamacpp.py); and transformers'
+GlmForCausalLM in bf16 on the same weights (2 threads, SDPA). Writes docs/performance.json,
+docs/performance.md (tables) and docs/performance.png. Not a test: it needs the 12.5 GB
+checkpoints and ~20 minutes.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ FORMATS = {
     "int4-g128": "6b-int4-g128",
 }
 TORCH_FORMAT = "bf16"
+LLAMA_CPP_TYPES = ("f16", "q8_0", "q4_0")
 PROMPTS = (16, 128, 512)
 DECODE_STEPS = 12
 SEED = 0
-# The native runtimes on this machine kind (../shared/docs/performance-notes.md, not this run).
-LLAMA_CPP_DECODE = {"16 bits": 3.7, "8 bits": 6.0, "4 bits": 11.8}
-LLAMA_CPP_PREFILL_128 = {"f16": 32.6, "q8_0": 25.6, "q4_0": 48.6}
+# The tokenizer written into the GGUF files (the random checkpoints have none): the real one
+# beside the repository when present, else the default model's (speed does not depend on it).
+REAL_TOKENIZER = REPO.parent / "shared" / "data" / "chatglm2-tokenizer" / "tokenizer.model"
 
 
 # ------------------------------------------------------------------ measurements in this process
@@ -218,6 +221,12 @@ def run_torch(directory: Path) -> dict:
     return measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
 
 
+def run_llamacpp(path: Path) -> dict:
+    from llamacpp import run_llamacpp as measure_llamacpp  # benchmarks/, the script's directory
+
+    return measure_llamacpp(path, PROMPTS, prompt_ids, timed_decode, measurements)
+
+
 def timed_decode(decode_one) -> tuple[list[float], float]:
     """Seconds per call of decode_one(t) for the DECODE_STEPS positions after the 16-token
     prompt, and the read bandwidth around them: the machine is shared and its bandwidth drifts
@@ -353,26 +362,29 @@ def markdown(report: dict) -> str:
         "(attention on one thread while the cache is short);",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
         "",
-        "For reference, llama.cpp on this machine kind (performance-notes.md, not this run): "
-        "decode "
-        + ", ".join(f"{v} tok/s at {k}" for k, v in LLAMA_CPP_DECODE.items())
-        + "; prefill of 128 tokens "
-        + ", ".join(f"{v} tok/s {k}" for k, v in LLAMA_CPP_PREFILL_128.items())
-        + ".",
+        "## glm_numpy / llama.cpp at the same width, this run",
+        "",
+        *llamacpp_ratios(report["results"], PROMPTS),
+        "",
+        "llama.cpp (llama-cpp-python built for AVX-512 with VNNI, without AMX, which crashes these "
+        "VMs; 2 threads, its f16 KV cache) "
+        "runs the same random weights exported by `glm-numpy export-gguf` from the fp16 "
+        "checkpoint; q4_0 keeps its output layer q8_0. Above 1 glm_numpy is faster (peak RSS: "
+        "uses more).",
         "",
         "![decode and prefill by format](performance.png)",
         "",
         "Reproduce (about 35 GB of checkpoints, 30 minutes; never two models in memory at once):",
         "",
         '    python -m pip install -e ".[bench]"',
-        "    glm-numpy make-random-checkpoint /work/ckpt/6b-bin            # fp16 .bin shards",
-        "    glm-numpy convert /work/ckpt/6b-bin /work/ckpt/6b-safetensors",
-        "    glm-numpy convert /work/ckpt/6b-safetensors /work/ckpt/6b-bf16 --dtype bfloat16",
-        "    glm-numpy quantize /work/ckpt/6b-safetensors /work/ckpt/6b-int8 --bits 8",
-        "    glm-numpy quantize /work/ckpt/6b-safetensors /work/ckpt/6b-int4 --bits 4",
-        "    glm-numpy quantize /work/ckpt/6b-safetensors /work/ckpt/6b-int4-g128 --bits 4 "
-        "--group-size 128",
-        "    python benchmarks/bench.py --checkpoints /work/ckpt",
+        "    CKPT=path/to/checkpoints",
+        "    glm-numpy make-random-checkpoint $CKPT/6b-bin            # fp16 .bin shards",
+        "    glm-numpy convert $CKPT/6b-bin $CKPT/6b-safetensors",
+        "    glm-numpy convert $CKPT/6b-safetensors $CKPT/6b-bf16 --dtype bfloat16",
+        "    glm-numpy quantize $CKPT/6b-safetensors $CKPT/6b-int8 --bits 8",
+        "    glm-numpy quantize $CKPT/6b-safetensors $CKPT/6b-int4 --bits 4",
+        "    glm-numpy quantize $CKPT/6b-safetensors $CKPT/6b-int4-g128 --bits 4 --group-size 128",
+        "    python benchmarks/bench.py --checkpoints $CKPT      # exports $CKPT/6b-*.gguf once",
         "",
         "The VMs here set OPENBLAS_CORETYPE=Haswell and OPENBLAS_L2_SIZE, which hold OpenBLAS to "
         "its AVX2 kernels (the tests and CI keep them); to measure the sgemm OpenBLAS picks for "
@@ -416,25 +428,50 @@ def chart(report: dict, path: Path) -> None:
     prefill.set_xticks(x, names, rotation=20)
     prefill.set_ylabel("prefill tokens/s")
     prefill.legend()
-    fig.suptitle("glm_numpy vs torch bf16, ChatGLM2-6B (random weights), 2 threads")
+    fig.suptitle("glm_numpy vs llama.cpp and torch bf16, ChatGLM2-6B (random weights), 2 threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def gguf_file(args: argparse.Namespace, type: str) -> Path:
+    """CKPT/6b-<type>.gguf, exported from the fp16 checkpoint the first time."""
+    from llamacpp import gguf_file as exported
+
+    from glm_numpy.assets import default_model_path
+
+    tokenizer = args.tokenizer or REAL_TOKENIZER
+    if not tokenizer.is_file():
+        tokenizer = default_model_path() / "tokenizer.model"
+    return Path(exported(args.checkpoints, type, tokenizer).name)
+
+
+def llamacpp_ratios(results: dict, prompts) -> list[str]:
+    from llamacpp import ratios
+
+    return ratios(results, prompts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", type=Path, default=Path("/work/ckpt"))
+    parser.add_argument("--checkpoints", type=Path, metavar="CKPT", help="required")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="tokenizer.model for the GGUF files (default: the real one)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         runner, directory = args.worker
-        result = (run_torch if runner == "torch" else run_glm_numpy)(Path(directory))
+        runners = {"torch": run_torch, "llamacpp": run_llamacpp, "glm_numpy": run_glm_numpy}
+        result = runners[runner](Path(directory))
         print(json.dumps(result))
         return
 
+    if args.checkpoints is None:
+        parser.error("--checkpoints CKPT is required (the directory of the 6b-* checkpoints)")
     from glm_numpy import kernels  # noqa: F401  (sets OpenMP's spin before numba's pool starts)
 
     report = {
@@ -460,6 +497,8 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1), flush=True)
     runs = [(f"glm_numpy {f}", "glm_numpy", FORMATS[f]) for f in args.formats.split(",")]
+    if not args.no_llamacpp:
+        runs += [(f"llama.cpp {t}", "llamacpp", gguf_file(args, t)) for t in LLAMA_CPP_TYPES]
     if not args.no_torch:
         runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT]))
     for name, runner, folder in runs:

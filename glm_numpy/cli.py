@@ -6,6 +6,7 @@
     glm-numpy convert SRC DST        a checkpoint rewritten as safetensors (optionally re-typed)
     glm-numpy make-random-checkpoint DST   random weights in the official layout
     glm-numpy quantize SRC DST --bits 8|4   an int8/int4 copy (per row, or --group-size N)
+    glm-numpy export-gguf SRC DST.gguf   one GGUF file for llama.cpp (--type f16|q8_0|q4_0)
     glm-numpy perplexity FILE        sliding-window perplexity of a text file
     glm-numpy check FILE.py          grade a student's exercise file (glm_numpy.exercises)
     glm-numpy diff --model A --model B PROMPT   where two models' runs first part, layer by layer
@@ -575,7 +576,7 @@ def add_quantize_parser(subparsers) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from glm_numpy.quantize import quantize_checkpoint
+    from glm_numpy.checkpoint.quantize import quantize_checkpoint
 
     try:
         path = quantize_checkpoint(
@@ -584,6 +585,26 @@ def run_quantize(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err)) from None
     print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------- GGUF export
+def add_export_gguf_parser(subparsers) -> None:
+    parser = subparsers.add_parser("export-gguf", help="one GGUF file for llama.cpp")
+    parser.add_argument("src", metavar="SRC", help="checkpoint directory (16- or 32-bit)")
+    parser.add_argument("dst", metavar="DST.gguf", help="new file (must not exist)")
+    parser.add_argument("--type", choices=["f16", "q8_0", "q4_0"], default="f16")
+    parser.add_argument(
+        "--tokenizer", metavar="FILE", help="tokenizer.model (default: the one in SRC)"
+    )
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    try:
+        from glm_numpy.export import write_gguf
+    except ImportError as err:
+        raise CliError(f"export-gguf needs the gguf package: pip install gguf ({err})") from None
+    print(write_gguf(args.src, args.dst, args.type, tokenizer=args.tokenizer))
     return 0
 
 
@@ -851,6 +872,7 @@ COMMANDS: dict[str, Command] = {
     "convert": (add_convert_parser, run_convert),
     "make-random-checkpoint": (add_make_random_checkpoint_parser, run_make_random_checkpoint),
     "quantize": (add_quantize_parser, run_quantize),
+    "export-gguf": (add_export_gguf_parser, run_export_gguf),
     "perplexity": (add_perplexity_parser, run_perplexity),
     "check": (add_check_parser, run_check),
     "diff": (add_diff_parser, run_diff),

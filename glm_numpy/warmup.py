@@ -29,7 +29,7 @@ DECODE_STEPS = 2
 def weight_formats(default_model: Path, work: Path) -> dict[str, Path]:
     """format name -> a checkpoint directory of the default model in that format."""
     from glm_numpy.checkpoint.convert import convert_checkpoint
-    from glm_numpy.quantize import quantize_checkpoint
+    from glm_numpy.checkpoint.quantize import quantize_checkpoint
 
     formats = {"float16": default_model}
     formats["bfloat16"] = convert_checkpoint(

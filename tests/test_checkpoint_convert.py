@@ -193,7 +193,7 @@ def test_convert_releases_mapped_pages(tmp_path):
     """After a tensor is written its mapped pages are dropped (bounded RSS when converting)."""
     import mmap
 
-    from glm_numpy.checkpoint.convert import release_pages
+    from glm_numpy.checkpoint.writing import release_pages
 
     source = write_tiny_checkpoint(tmp_path / "src", fmt="bin")
     array = load_checkpoint(source)["transformer.output_layer.weight"]

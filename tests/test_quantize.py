@@ -1,14 +1,18 @@
 """Quantisation: the packing, the group-wise scheme, the quantize command, and what it costs."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from glm_numpy import ChatGLM2
 from glm_numpy.checkpoint import CheckpointError, load_checkpoint
+from glm_numpy.checkpoint.quantize import quantize_checkpoint
 from glm_numpy.cli import main
-from glm_numpy.quantize import quantize, quantize_checkpoint
+from glm_numpy.quantize import quantize
 from glm_numpy.testing import write_tiny_checkpoint
 
 LAYER0 = "transformer.encoder.layers.0."
@@ -108,3 +112,26 @@ def test_bad_quantize_requests_are_clear_errors(source, tmp_path):
     with pytest.raises(ValueError, match="already quantised"):
         quantize_checkpoint(quantized, tmp_path / "d", bits=4)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_quantisation_math_imports_no_checkpoint_writer():
+    """layers/linear.py uses QuantizedWeight; the math must not reach the commands that write
+    checkpoints (the old quantize.py imported checkpoint/convert.py inside quantize_checkpoint,
+    which imports synthetic.py, which imports quantize.py: a circle)."""
+    import ast
+
+    import glm_numpy.quantize
+
+    tree = ast.parse(Path(glm_numpy.quantize.__file__).read_text(encoding="utf-8"))
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [
+        a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
+    ]
+    assert not [m for m in imported if m and m.startswith("glm_numpy.checkpoint")]
+    code = (
+        "import sys, glm_numpy.layers.linear\n"
+        "writers = [m for m in sys.modules if m.startswith('glm_numpy.checkpoint.')\n"
+        "           and m.rsplit('.', 1)[1] in ('writing', 'convert', 'quantize', 'synthetic')]\n"
+        "assert not writers, writers\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

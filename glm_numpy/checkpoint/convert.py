@@ -1,16 +1,14 @@
 """The two checkpoint commands: ``convert`` and ``make-random-checkpoint``.
 
 Both write under a temporary name beside DST and rename at the very end, so a failure (or
-Ctrl-C) never leaves a half-written DST behind, and both refuse a DST that already exists.
+Ctrl-C) never leaves a half-written DST behind, and both refuse a DST that already exists
+(glm_numpy.checkpoint.writing).
 Tensors are handled one at a time, so peak memory stays at a few tensors whatever the model size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +26,14 @@ from glm_numpy.checkpoint.synthetic import (
     write_random_checkpoint,
 )
 from glm_numpy.checkpoint.validate import validate_checkpoint
+from glm_numpy.checkpoint.writing import (
+    refuse_existing,
+    release_pages,
+    temporary_directory,
+)
 from glm_numpy.config import ChatGLM2Config, ConfigError
 from glm_numpy.dtypes import FLOAT_DTYPES, from_float32, to_float32
+from glm_numpy.progress import progress_bar
 
 CONVERT_CHUNK_ELEMENTS = 1 << 22  # convert dtypes 4M values at a time
 
@@ -73,7 +77,7 @@ def _write_converted_shards(
     groups = source_shards(checkpoint)
     total = sum(_converted_nbytes(checkpoint[name], name, dtype) for g in groups for name in g)
     weight_map: dict[str, str] = {}
-    with progress_bar(total, progress, "convert") as bar:
+    with progress_bar(total, "convert", "B", enabled=progress) as bar:
         for k, names in enumerate(groups, start=1):
             file_name = shard_file_name("safetensors", k, len(groups))
             entries = [_converted_entry(name, checkpoint[name], dtype) for name in names]
@@ -133,22 +137,6 @@ def cast_in_chunks(array: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
-def release_pages(array: np.ndarray) -> None:
-    """Tell the kernel we are done with the mapped file pages behind ``array``.
-
-    Pages of a memory-mapped file that we have read count towards our resident memory until
-    unmapped; dropping them after each tensor keeps convert's peak RSS at a few tensors instead
-    of the whole model. (They stay in the page cache; nothing is re-read from disk unless
-    evicted.)
-    """
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)  # ndarray views, as_strided's wrapper, np.memmap
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        with contextlib.suppress(OSError, ValueError):
-            base.madvise(mmap.MADV_DONTNEED)
-
-
 def _source_config(src: Path) -> dict | None:
     """The source's config.json as a dict (beside the file when src is a file), if any."""
     path = (src if src.is_dir() else src.parent) / "config.json"
@@ -203,7 +191,7 @@ def make_random_checkpoint(
     config_values = random_config(size, dtype)
     plan = "official" if size == "6b" else "split-middle-layer"
     total = _total_bytes(config_values, dtype)
-    with temporary_directory(dst) as work, progress_bar(total, progress, size) as bar:
+    with temporary_directory(dst) as work, progress_bar(total, size, "B", enabled=progress) as bar:
         write_random_checkpoint(
             work, config_values, fmt=fmt, seed=seed, shard_plan=plan, progress=bar.update
         )
@@ -216,46 +204,6 @@ def _total_bytes(config_values: dict, dtype: str) -> int:
 
     config = ChatGLM2Config.from_dict(config_values)
     return sum(tensor_nbytes(spec, dtype) for spec in official_tensors(config))
-
-
-# --- shared plumbing -----------------------------------------------------------------------
-
-
-def refuse_existing(dst: Path) -> None:
-    if dst.exists():
-        raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
-
-
-@contextlib.contextmanager
-def temporary_directory(dst: Path) -> Iterator[Path]:
-    """A scratch directory beside ``dst`` that becomes ``dst`` only if the block succeeds."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        yield work
-        refuse_existing(dst)  # someone may have created it meanwhile
-        os.rename(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, enabled: bool, description: str):
-    if not enabled:
-        yield _NoBar()
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description) as bar:
-        yield bar
 
 
 __all__ = ["OFFICIAL_MAX_SHARD_BYTES", "convert_checkpoint", "make_random_checkpoint"]
