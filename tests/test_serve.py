@@ -581,3 +581,33 @@ def test_chat_page_streams_a_reply_with_the_alternatives(server, tmp_path):
         browser.save_screenshot(str(tmp_path / "page.png"))
     finally:
         browser.quit()
+
+
+def test_a_failing_request_ends_alone_and_the_scheduler_goes_on(library):
+    from glm_numpy.serve.scheduler import Job, Scheduler
+
+    model, tokenizer = library
+    scheduler = Scheduler(model, tokenizer, max_batch=2)
+    scheduler.start()
+    try:
+        done = {name: threading.Event() for name in ("bad", "good")}
+        events = {name: [] for name in done}
+
+        def listener(name):
+            def on_event(event):
+                events[name].append(event)
+                if event.finish_reason or event.error:
+                    done[name].set()
+
+            return on_event
+
+        # an id past the embedding's rows: the forward pass fails for this request only
+        bad_ids = [model.config.padded_vocab_size + 5]
+        scheduler.submit(Job(bad_ids, greedy(tokenizer, 4), listener("bad")))
+        scheduler.submit(Job(tokenizer.encode("Once"), greedy(tokenizer, 4), listener("good")))
+        assert all(event.wait(60) for event in done.values())
+        assert events["bad"][-1].error and "internal error" in events["bad"][-1].error
+        assert events["good"][-1].finish_reason == "length" and events["good"][-1].usage
+        assert scheduler.counts["failed"] == 1 and scheduler.counts["finished"] == 1
+    finally:
+        scheduler.stop()

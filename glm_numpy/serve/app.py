@@ -111,7 +111,10 @@ def create_app(
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def on_event(event: Event) -> None:  # called by the scheduler thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                job.cancel()
 
         job = Job(ids, options.config, on_event, options.stop, options.logprobs, turn)
         try:

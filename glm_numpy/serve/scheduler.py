@@ -184,7 +184,8 @@ class Scheduler:
                 self.counts["cancelled"] += len(self._waiting) - len(waiting)
                 self._waiting = collections.deque(waiting)
                 while self._waiting and len(self._active) < self.max_batch:
-                    self._admit(self._waiting.popleft())
+                    job = self._waiting.popleft()
+                    self._guarded([job], self._admit)
             for job in [j for j in self._active if j.cancelled.is_set() and not j.closing]:
                 self.counts["cancelled"] += 1
                 self._leave(job, keep_cache=False)
@@ -193,9 +194,10 @@ class Scheduler:
             job.on_event(Event(error="the server is shutting down"))
         self._active, self._waiting = [], collections.deque()
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
         """Set a request up to run: its KV cache (from the prompt cache when its conversation
         was served before), the ids to feed, its token budget and random generator."""
+        job = jobs[0]
         cache, ids = None, job.prompt_ids
         if job.chat is not None and job.chat.history:
             cache = self.prompt_cache.take(job.chat.history)
@@ -231,9 +233,9 @@ class Scheduler:
         except Exception as err:
             log.exception("a scheduler step failed")
             for job in jobs:
+                job.on_event(Event(error=f"internal error: {err}"))
+                self.counts["failed"] += 1
                 if job in self._active:
-                    job.on_event(Event(error=f"internal error: {err}"))
-                    self.counts["failed"] += 1
                     self._leave(job, keep_cache=False)
 
     def _prefill_chunk(self, jobs: list[Job]) -> None:
