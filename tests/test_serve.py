@@ -584,7 +584,7 @@ def test_chat_page_streams_a_reply_with_the_alternatives(server, tmp_path):
 
 
 def test_a_failing_request_ends_alone_and_the_scheduler_goes_on(library):
-    from glm_numpy.serve.scheduler import Job, Scheduler
+    from glm_numpy.serve.scheduler import Job, Scheduler, ShuttingDown
 
     model, tokenizer = library
     scheduler = Scheduler(model, tokenizer, max_batch=2)
@@ -611,3 +611,21 @@ def test_a_failing_request_ends_alone_and_the_scheduler_goes_on(library):
         assert scheduler.counts["failed"] == 1 and scheduler.counts["finished"] == 1
     finally:
         scheduler.stop()
+    with pytest.raises(ShuttingDown):  # the app answers this with a 503
+        scheduler.submit(Job(tokenizer.encode("Once"), greedy(tokenizer, 4), listener("good")))
+
+
+def test_serve_command_refuses_bad_options():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for options, message in [
+            (["--max-batch", "0"], "--max-batch 0: out of range"),
+            (["--model", "/nonexistent/model"], "not a directory"),
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ]:
+            command = [sys.executable, "-m", "glm_numpy.cli", "serve", *options]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2 and message in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
