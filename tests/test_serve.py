@@ -579,6 +579,34 @@ def test_chat_page_streams_a_reply_with_the_alternatives(server, tmp_path):
         assert len(alternatives) == 5
         assert all(a.text.strip().endswith("%") for a in alternatives)
         browser.save_screenshot(str(tmp_path / "page.png"))
+
+        # The stop button hangs up. With every slot taken by long streams, a reply waits in the
+        # queue; stop it, and the server drops it.
+        long = {
+            "prompt": "To be, or not to be",
+            "max_tokens": 2000,
+            "temperature": 0,
+            "stream": True,
+        }
+        blockers = [
+            httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=60)
+            for _ in range(8)
+        ]
+        try:
+            lines = [blocker.__enter__().iter_lines() for blocker in blockers]
+            for line in lines:  # (kept: a line iterator closed would hang up)
+                next(line)  # running
+            cancelled = server.health()["requests"]["cancelled"]
+            browser.find_element(By.ID, "prompt").send_keys("Hamlet")
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: server.health()["queued"] == 1)
+            browser.find_element(By.ID, "stop").click()
+            wait.until(lambda b: b.find_element(By.ID, "status").text == "stopped")
+            wait.until(lambda b: server.health()["requests"]["cancelled"] == cancelled + 1)
+            assert server.health()["queued"] == 0
+        finally:
+            for blocker in blockers:
+                blocker.__exit__(None, None, None)
     finally:
         browser.quit()
 

@@ -167,8 +167,9 @@ class Scheduler:
         with self._wake:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue)")
+            free_slots = max(0, self.max_batch - len(self._active))
+            if len(self._waiting) >= free_slots + self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting (--max-queue)")
             self._waiting.append(job)
             self._wake.notify()
 
