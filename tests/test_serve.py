@@ -101,11 +101,17 @@ def greedy(tokenizer, max_new_tokens, **options) -> GenerationConfig:
     )
 
 
+def continuation(tokenizer, prompt: str, new_ids) -> str:
+    """The text of new_ids after prompt, such that prompt + it is the whole text."""
+    whole = tokenizer.decode(tokenizer.encode(prompt) + list(new_ids))
+    assert whole.startswith(prompt)
+    return whole[len(prompt) :]
+
+
 def expected_completion(library, prompt: str, max_tokens: int) -> str:
     model, tokenizer = library
-    return tokenizer.decode(
-        generate(model, tokenizer.encode(prompt), greedy(tokenizer, max_tokens))
-    )
+    new = generate(model, tokenizer.encode(prompt), greedy(tokenizer, max_tokens))
+    return continuation(tokenizer, prompt, new)
 
 
 def streamed_text(stream) -> tuple[str, list, object]:
@@ -180,7 +186,7 @@ def test_seeded_sampling_matches_the_library(server, library):
     config = GenerationConfig(
         temperature=0.9, top_p=0.95, max_new_tokens=16, seed=7, vocab_limit=tokenizer.vocab_size
     )
-    expected = tokenizer.decode(generate(model, tokenizer.encode(prompt), config))
+    expected = continuation(tokenizer, prompt, generate(model, tokenizer.encode(prompt), config))
     for _ in range(2):
         reply = server.client.completions.create(
             model="default_model", prompt=prompt, temperature=0.9, top_p=0.95, max_tokens=16, seed=7
@@ -215,9 +221,9 @@ def test_logprobs(server, library):
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
     assert all(len(top) == 3 for top in logprobs.top_logprobs)
-    # (decoding drops the space SentencePiece marks at the start of the first token)
     assert logprobs.text_offset[0] == 0
-    assert "".join(logprobs.tokens).lstrip() == completion.choices[0].text
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert completion.choices[0].text.startswith(" ")  # "Once" + " more...": the space is kept
 
 
 def test_stop_strings(server, library):

@@ -215,7 +215,9 @@ class Scheduler:
         job.cached_tokens = job.cache.length
         job.prompt_tokens = job.cache.length + len(ids)
         job.rng = np.random.default_rng(job.config.seed)
-        job.text = TextStream(self.tokenizer, job.stop, chat=job.chat is not None)
+        chat = job.chat is not None  # a chat reply starts afresh; a completion continues
+        context = [] if chat else job.prompt_ids[-1:]
+        job.text = TextStream(self.tokenizer, job.stop, chat, context)
         self._active.append(job)
 
     def _step(self) -> None:

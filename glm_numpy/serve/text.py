@@ -23,8 +23,19 @@ class TextStream:
     ids must not be added. ``text`` is everything sent so far.
     """
 
-    def __init__(self, tokenizer: ChatGLM2Tokenizer, stop: Sequence[str] = (), chat: bool = False):
+    def __init__(
+        self,
+        tokenizer: ChatGLM2Tokenizer,
+        stop: Sequence[str] = (),
+        chat: bool = False,
+        context: Sequence[int] = (),
+    ):
         self.tokenizer, self.stop, self.chat = tokenizer, tuple(stop), chat
+        # Decoding drops the space SentencePiece marks at the start of the first piece: decoded
+        # after the prompt's last id (context) and without that id's text, a continuation keeps
+        # its leading space, so that prompt + completion is the whole text.
+        self.context = list(context)
+        self.context_text = tokenizer.decode(self.context)
         self.ids: list[int] = []
         self.text = ""  # sent so far
         self.stopped = False
@@ -38,8 +49,15 @@ class TextStream:
         """The reply has ended (</s> or the length limit): -> whatever was held back."""
         return self._advance(final=True)
 
+    def decoded(self) -> str:
+        """The text of the ids so far (after the context's text)."""
+        full = self.tokenizer.decode(self.context + self.ids)
+        if self.context and full.startswith(self.context_text):
+            return full[len(self.context_text) :]
+        return self.tokenizer.decode(self.ids)
+
     def _advance(self, final: bool) -> str:
-        full = self.tokenizer.decode(self.ids)
+        full = self.decoded()
         cut = first_stop(full, self.stop)
         if cut is not None:
             full, self.stopped, final = full[:cut], True, True
