@@ -41,6 +41,7 @@ FORMATS = {"int4": "6b-int4", "fp16": "6b-safetensors"}
 TOKENIZER = REPO.parent / "shared" / "data" / "chatglm2-tokenizer" / "tokenizer.model"
 PROMPT = "The quick brown fox jumps over the lazy dog while the {} cat sleeps."  # ~16 tokens
 LONG = 2000  # max_tokens of a background stream: it is closed long before
+LOADED_STREAMS = 4  # streams decoding while the time to first token under load is measured
 
 
 def free_port() -> int:
@@ -142,7 +143,8 @@ def bench_format(name: str, directory: Path, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "glm_numpy.cli", "serve", "--model", str(directory)]
-    command += ["--port", str(port), "--max-batch", str(max(args.streams))]
+    max_batch = max(*args.streams, LOADED_STREAMS + 1)  # room for the short request beside them
+    command += ["--port", str(port), "--max-batch", str(max_batch)]
     log = open(Path(tempfile.gettempdir()) / f"bench_serve_{name}.log", "w")  # noqa: SIM115
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -163,7 +165,7 @@ def bench_format(name: str, directory: Path, args) -> dict:
                 result["decode"][n] = max(result["decode"][n], measured)
                 print(f"{name}: {n} streams {measured:.2f} tok/s", flush=True)
             ttfts["ttft_idle"].append(ttft(url, 0))
-            ttfts["ttft_loaded"].append(ttft(url, 4))
+            ttfts["ttft_loaded"].append(ttft(url, LOADED_STREAMS))
         result.update({key: min(values) for key, values in ttfts.items()})
         print(
             f"{name}: ttft idle {result['ttft_idle']:.2f} s, 4 streaming "
