@@ -12,6 +12,7 @@
     glm-numpy diff --model A --model B PROMPT   where two models' runs first part, layer by layer
     glm-numpy lens PROMPT            the logit lens: each layer's top next tokens
     glm-numpy classroom init|report  nbgrader assignments and a class report (docs/teaching.md)
+    glm-numpy serve                  an OpenAI-compatible server and chat page (glm_numpy.serve)
     glm-numpy warmup                 compile every kernel now (glm_numpy.warmup)
 
 Model commands take --family chatglm2|chatglm3|codegeex2 when the directory does not show it
@@ -863,6 +864,86 @@ def run_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve
+def add_serve_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with continuous batching and a chat page"
+    )
+    add_model_argument(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        metavar="N",
+        help="requests decoded together (default 8)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a batch slot; beyond them, 429 (default 64)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=128,
+        metavar="N",
+        help="prompt tokens read between two decode steps (default 128)",
+    )
+    parser.add_argument(
+        "--prompt-cache-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="KV caches of finished conversations kept for their next round (default 1024)",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        from glm_numpy.serve import serve
+    except ImportError as err:
+        raise CliError(
+            f"glm-numpy serve needs the serve extra ({err}): pip install 'glm-numpy[serve]'"
+        ) from None
+    for flag, value, low in [
+        ("--port", args.port, 0),
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--prefill-chunk", args.prefill_chunk, 1),
+        ("--prompt-cache-mb", args.prompt_cache_mb, 0),
+    ]:
+        if value < low or (flag == "--port" and value > 65535):
+            raise CliError(f"{flag} {value}: out of range")
+    directory = model_directory(args.model)
+    config = ChatGLM2Config.from_json(directory / "config.json")
+    tokenizer = open_tokenizer(directory, config)
+    try:  # a clear error now rather than a server that loads the model and then cannot bind
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as err:
+        raise CliError(
+            f"cannot listen on {args.host}:{args.port} ({err.strerror or err})"
+        ) from None
+    serve(
+        ChatGLM2.from_pretrained(directory),
+        tokenizer,
+        model_id=directory.resolve().name,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        prompt_cache_bytes=args.prompt_cache_mb << 20,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 Command = tuple[Callable[[object], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
@@ -879,6 +960,7 @@ COMMANDS: dict[str, Command] = {
     "lens": (add_lens_parser, run_lens),
     "warmup": (add_warmup_parser, run_warmup),
     "classroom": (add_classroom_parser, run_classroom),
+    "serve": (add_serve_parser, run_serve),
 }
 
 
