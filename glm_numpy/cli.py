@@ -921,8 +921,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < low or (flag == "--port" and value > 65535):
             raise CliError(f"{flag} {value}: out of range")
     directory = model_directory(args.model)
-    config = ChatGLM2Config.from_json(directory / "config.json")
-    tokenizer = open_tokenizer(directory, config)
+    config = ChatGLM2Config.from_json(directory / "config.json", args.family)
+    tokenizer = open_tokenizer(directory, config, args.family)  # ChatGLM3's: its roles and tools
     try:  # a clear error now rather than a server that loads the model and then cannot bind
         with socket.create_server((args.host, args.port)):
             pass
@@ -931,7 +931,7 @@ def run_serve(args: argparse.Namespace) -> int:
             f"cannot listen on {args.host}:{args.port} ({err.strerror or err})"
         ) from None
     serve(
-        ChatGLM2.from_pretrained(directory),
+        ChatGLM2.from_pretrained(directory, family=args.family),
         tokenizer,
         model_id=directory.resolve().name,
         host=args.host,

@@ -3,7 +3,8 @@
     GET  /                      the chat page (static/: plain HTML, JS and CSS, no build step)
     GET  /health                status, model, active and queued requests
     GET  /v1/models             the one model served
-    POST /v1/chat/completions   chat in the ChatGLM2 template (stream: server-sent events)
+    POST /v1/chat/completions   chat in the model's template (stream: server-sent events);
+                                ChatGLM3 models take `tools` (serve.chatglm3)
     POST /v1/completions        plain continuation of a prompt
 
 Handlers check and tokenize the request (glm_numpy.serve.protocol), hand a ``Job`` to the
@@ -26,7 +27,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from glm_numpy.chatglm3 import ChatGLM3Tokenizer
 from glm_numpy.model import ChatGLM2
+from glm_numpy.serve.chatglm3 import Conversation3, ReplyStream3, parse_messages3, read_reply
 from glm_numpy.serve.protocol import (
     ApiError,
     Options,
@@ -58,12 +61,14 @@ def create_app(
     scheduler = Scheduler(model, tokenizer, max_batch, max_queue, prefill_chunk, prompt_cache_bytes)
     max_length = model.config.seq_length
     vocab_limit = tokenizer.vocab_size
+    chatglm3 = isinstance(tokenizer, ChatGLM3Tokenizer)  # its roles and tools (load_tokenizer)
 
     async def health(request: Request) -> Response:
         return JSONResponse(
             {
                 "status": "ok",
                 "model": model_id,
+                "family": "chatglm3" if chatglm3 else "chatglm2",
                 "active": scheduler.active,
                 "queued": scheduler.queued,
                 "max_batch": scheduler.max_batch,
@@ -91,9 +96,15 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request)
-        options = parse_options(body, chat=True, vocab_limit=vocab_limit, max_length=max_length)
-        turn = parse_messages(body.get("messages"))
-        ids = tokenizer.build_chat_input(turn.query, turn.history)
+        options = parse_options(
+            body, chat=True, vocab_limit=vocab_limit, max_length=max_length, tools=chatglm3
+        )
+        if chatglm3:
+            turn = parse_messages3(body.get("messages"), body.get("tools"))
+            ids = tokenizer.build_chat_input(turn.query, turn.history, turn.role)
+        else:
+            turn = parse_messages(body.get("messages"))
+            ids = tokenizer.build_chat_input(turn.query, turn.history)
         check_context(ids, max_length, "messages")
         shaper = Shaper(tokenizer, model_id, chat=True)
         return await run(request, ids, options, shaper, turn)
@@ -153,9 +164,11 @@ def create_app(
                 tokens.extend(event.tokens)
                 if event.finish_reason:
                     logprobs = options.logprobs is not None
-                    body = shaper.whole(
-                        "".join(text), tokens, event.finish_reason, event.usage, logprobs
-                    )
+                    reply, reason, tool_calls = "".join(text), event.finish_reason, None
+                    if isinstance(job.chat, Conversation3):
+                        reply, tool_calls = read_reply(reply, job.chat)
+                        reason = "tool_calls" if tool_calls else reason
+                    body = shaper.whole(reply, tokens, reason, event.usage, logprobs, tool_calls)
                     return JSONResponse(body)
         finally:
             job.cancel()  # a no-op once finished; frees the slot if the client went away
@@ -198,6 +211,10 @@ async def stream_events(job: Job, events: asyncio.Queue, options: Options, shape
     """Server-sent events: one `data: {chunk}` per piece of text, the finish chunk, the usage
     chunk when asked (stream_options.include_usage), then `data: [DONE]`."""
     logprobs = options.logprobs is not None
+    # A ChatGLM3 reply is read as it comes: its text once its first line shows it is not a tool
+    # call, a tool call whole at the end; the tokens go with the text they make.
+    chatglm3 = ReplyStream3(job.chat) if isinstance(job.chat, Conversation3) else None
+    held: list = []  # ChatGLM3: tokens whose text is not sent yet
     try:
         if shaper.chat:  # the role comes first, as OpenAI sends it
             yield sse(shaper.chunk("", (), first=True))
@@ -206,10 +223,21 @@ async def stream_events(job: Job, events: asyncio.Queue, options: Options, shape
             if event.error:
                 yield sse(ApiError(500, event.error, None, "generation_failed").body())
                 break
-            if event.text or event.tokens:
-                yield sse(shaper.chunk(event.text, event.tokens, logprobs=logprobs))
-            if event.finish_reason:
-                yield sse(shaper.chunk("", (), event.finish_reason))
+            text, tokens, reason = event.text, event.tokens, event.finish_reason
+            if chatglm3 is not None:
+                held += tokens
+                text = chatglm3.add(text)
+                if reason:
+                    rest, tool_calls = chatglm3.finish()
+                    text += rest
+                    if tool_calls:
+                        yield sse(shaper.tool_calls_chunk(tool_calls))
+                        reason = "tool_calls"
+                tokens, held = (held, []) if text or reason else ((), held)
+            if text or tokens:
+                yield sse(shaper.chunk(text, tokens, logprobs=logprobs))
+            if reason:
+                yield sse(shaper.chunk("", (), reason))
                 if options.include_usage:
                     yield sse(shaper.usage_chunk(event.usage))
                 break

@@ -27,9 +27,9 @@ MAX_STOP_STRINGS = 4
 CHAT_DEFAULTS = {"temperature": 0.8, "top_p": 0.8}  # the official chat()'s (spec §4.3)
 COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 REFUSED = {  # field -> why; refused when present with a value that asks for something
-    "tools": "tools (function calling) are not supported by this server",
+    "tools": "tools (function calling) need a ChatGLM3 model; this server's is ChatGLM2",
     "functions": "functions (function calling) are not supported by this server",
-    "tool_choice": "tool_choice is not supported: this server has no tools",
+    "tool_choice": 'tool_choice: only "auto" or "none" (the model chooses)',
     "function_call": "function_call is not supported: this server has no functions",
     "logit_bias": "logit_bias is not supported",
     "suffix": "suffix (insertion) is not supported",
@@ -70,9 +70,12 @@ class Options:
 
 
 # ---------------------------------------------------------------------------- requests
-def parse_options(body: dict, chat: bool, vocab_limit: int, max_length: int) -> Options:
-    """A request body's sampling and output options, checked (ApiError naming the field)."""
-    refuse_unsupported(body, chat)
+def parse_options(
+    body: dict, chat: bool, vocab_limit: int, max_length: int, tools: bool = False
+) -> Options:
+    """A request body's sampling and output options, checked (ApiError naming the field).
+    tools: the model takes `tools` (ChatGLM3; they are read by serve.chatglm3)."""
+    refuse_unsupported(body, chat, ("tools",) if tools else ())
     defaults = CHAT_DEFAULTS if chat else {"temperature": 1.0, "top_p": 1.0}
     temperature = number(body, "temperature", defaults["temperature"], 0.0, 2.0)
     top_p = number(body, "top_p", defaults["top_p"], 0.0, 1.0)
@@ -107,9 +110,9 @@ def parse_options(body: dict, chat: bool, vocab_limit: int, max_length: int) -> 
     return Options(config, stop_strings(body), logprobs_option(body, chat), stream, include_usage)
 
 
-def refuse_unsupported(body: dict, chat: bool) -> None:
+def refuse_unsupported(body: dict, chat: bool, accepted=()) -> None:
     for field, why in REFUSED.items():
-        value = body.get(field)
+        value = None if field in accepted else body.get(field)
         if value not in (None, [], {}, "", "none", "auto"):
             raise ApiError(400, why, field, "unsupported_parameter")
     if body.get("n") not in (None, 1):
@@ -290,15 +293,25 @@ class Shaper:
         choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice])
 
+    def tool_calls_chunk(self, tool_calls: list) -> dict:
+        """A chat stream chunk carrying whole tool calls."""
+        calls = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        choice = {"index": 0, "delta": {"tool_calls": calls}, "logprobs": None}
+        return self._envelope("chat.completion.chunk", [{**choice, "finish_reason": None}])
+
     def usage_chunk(self, usage: Usage) -> dict:
         name = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope(name, [], usage)
 
-    def whole(self, text: str, tokens, finish_reason: str, usage: Usage, logprobs: bool) -> dict:
-        """The non-streamed response."""
+    def whole(
+        self, text: str, tokens, finish_reason: str, usage: Usage, logprobs: bool, tool_calls=None
+    ) -> dict:
+        """The non-streamed response (a chat reply may be tool_calls, with no content)."""
         lp = self.logprobs(tokens) if logprobs else None
         if self.chat:
             message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
             choice = {
                 "index": 0,
                 "message": message,

@@ -32,7 +32,7 @@ from glm_numpy.generation import GenerationConfig, chat_input_ids, new_token_bud
 from glm_numpy.model import ChatGLM2
 from glm_numpy.serve.prompt_cache import PromptCache
 from glm_numpy.serve.text import TextStream
-from glm_numpy.tokenizer import EOS_ID, ChatGLM2Tokenizer
+from glm_numpy.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger("glm_numpy.serve")
 
@@ -93,7 +93,7 @@ class Job:
         on_event: Callable[[Event], None],
         stop: Sequence[str] = (),
         logprobs: int | None = None,
-        chat: ChatTurn | None = None,
+        chat=None,  # ChatTurn (ChatGLM2), serve.chatglm3.Conversation3, or None (completion)
     ):
         self.prompt_ids, self.config, self.on_event = list(prompt_ids), config, on_event
         self.stop, self.logprobs, self.chat = tuple(stop), logprobs, chat
@@ -200,7 +200,7 @@ class Scheduler:
         was served before), the ids to feed, its token budget and random generator."""
         job = jobs[0]
         cache, ids = None, job.prompt_ids
-        if job.chat is not None and job.chat.history:
+        if isinstance(job.chat, ChatTurn) and job.chat.history:  # ChatGLM2's rounds only
             cache = self.prompt_cache.take(job.chat.history)
             if cache is not None:  # feed only the new round (spec §4.5)
                 ids = chat_input_ids(self.tokenizer, job.chat.query, job.chat.history, cache)
@@ -215,9 +215,11 @@ class Scheduler:
         job.cached_tokens = job.cache.length
         job.prompt_tokens = job.cache.length + len(ids)
         job.rng = np.random.default_rng(job.config.seed)
-        chat = job.chat is not None  # a chat reply starts afresh; a completion continues
-        context = [] if chat else job.prompt_ids[-1:]
-        job.text = TextStream(self.tokenizer, job.stop, chat, context)
+        # A chat reply starts afresh, a completion continues; a ChatGLM3 reply is sent raw (its
+        # first line names a tool or is empty: the web layer reads it, serve.chatglm3).
+        context = [] if job.chat is not None else job.prompt_ids[-1:]
+        chat2 = isinstance(job.chat, ChatTurn)
+        job.text = TextStream(self.tokenizer, job.stop, chat2, context)
         self._active.append(job)
 
     def _step(self) -> None:
@@ -261,7 +263,7 @@ class Scheduler:
             self._leave(job, keep_cache=True)
             return
         token = next_token(logits, job.seen, job.config, job.rng)
-        if token == EOS_ID:
+        if token in self.tokenizer.stop_ids:  # </s> (ChatGLM3: or <|user|>, <|observation|>)
             self._finish(job, "stop")
             return
         job.seen.append(token)
@@ -284,7 +286,7 @@ class Scheduler:
         job.on_event(Event(text, tuple(job.unsent), reason, usage))
         job.unsent = []
         self.counts["finished"] += 1
-        keep = job.chat is not None and not job.text.stopped
+        keep = isinstance(job.chat, ChatTurn) and not job.text.stopped
         if keep and reason == "length":
             job.closing = True  # the last token is not in the cache yet: the next step feeds it
         else:  # </s> is never fed: the cache already holds the whole conversation
