@@ -2,10 +2,11 @@
 
 Every bad value becomes an ``ApiError`` that names the field (``param``), answered in the OpenAI
 error shape ``{"error": {"message", "type", "param", "code"}}``. Options this server cannot honour
-(n > 1, tools, logit_bias...) are refused, never silently ignored; unknown extra fields are
-ignored, as clients add their own.
+(n > 1, tools for ChatGLM2, logit_bias...) are refused, never silently ignored; unknown extra
+fields are ignored, as clients add their own.
 
-Chat messages map onto the ChatGLM2 template (spec §4.4): after any leading system messages,
+ChatGLM3 models' messages and tools are read by serve.chatglm3. ChatGLM2's map onto its
+template (spec §4.4): after any leading system messages,
 user and assistant messages alternate and the last one is the user's new query. ChatGLM2 has no
 system role: the system text is put at the start of the FIRST user message, followed by a line
 feed, so every later round of a conversation keeps the same prefix (and its cached keys).
