@@ -153,11 +153,17 @@ def open_tokenizer(directory: Path, config: ChatGLM2Config) -> ChatGLM2Tokenizer
     return tokenizer
 
 
-def check_prompt_fits(ids: list[int], config: ChatGLM2Config) -> None:
+def check_prompt_fits(ids: list[int], config: ChatGLM2Config, max_new_tokens: int | None) -> None:
     if len(ids) >= config.seq_length:
         raise CliError(
             f"the prompt is {len(ids)} tokens, too long for this model's seq_length of "
             f"{config.seq_length} (room is needed for at least one new token)"
+        )
+    if max_new_tokens is not None and len(ids) + max_new_tokens > config.seq_length:
+        raise CliError(
+            f"the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is "
+            f"{len(ids) + max_new_tokens} tokens, beyond this model's seq_length of "
+            f"{config.seq_length}"
         )
 
 
@@ -189,7 +195,7 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = open_tokenizer(directory, config)
     text = build_prompt(args.prompt) if args.chat_template else args.prompt
     ids = tokenizer.encode(text)
-    check_prompt_fits(ids, config)
+    check_prompt_fits(ids, config, args.max_new_tokens)
     model = ChatGLM2.from_pretrained(directory)
 
     generation = GenerationConfig(**options, vocab_limit=tokenizer.vocab_size)
