@@ -29,12 +29,14 @@ class KVCache:
         head_dim: int,
         capacity: int = 256,
         dtype: str = "float32",
+        max_tokens: int | None = None,
     ):
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"KV cache dtype={dtype!r}: expected one of {sorted(FLOAT_DTYPES)}")
         self.dtype_name, self.dtype = dtype, FLOAT_DTYPES[dtype]
         self._groups, self._head_dim = num_kv_groups, head_dim
         self._num_layers = num_layers
+        self.max_tokens = max_tokens  # the model's seq_length: growth never goes past it
         self._keys, self._values = self._allocate(capacity)
         self._is_token = np.zeros(capacity, dtype=bool)
         self.length = 0  # S: slots filled
@@ -91,19 +93,30 @@ class KVCache:
         counted = self.next_position + np.cumsum(is_token) - 1  # [T]
         return np.where(is_token, counted, 0).astype(np.int64)
 
+    def make_room(self, T: int) -> None:
+        """Grow (if needed) to hold T more slots: geometrically, so appends stay amortised O(1),
+        but never past max_tokens. Called for a whole prompt before a chunked prefill, so that
+        the cache does not double its way there (each doubling holds old and new arrays)."""
+        needed, capacity = self.length + T, len(self._is_token)
+        if needed <= capacity:
+            return
+        doubled = 2 * capacity if self.max_tokens is None else min(2 * capacity, self.max_tokens)
+        self._grow(max(needed, doubled))
+
+    def _grow(self, tokens: int) -> None:
+        keys, values = self._allocate(tokens)
+        for old, new in zip(self._keys + self._values, keys + values):
+            new[:, : self.length] = old[:, : self.length]
+        self._keys, self._values = keys, values
+        is_token_all = np.zeros(tokens, dtype=bool)
+        is_token_all[: self.length] = self._is_token[: self.length]
+        self._is_token = is_token_all
+
     def extend(self, is_token: np.ndarray) -> slice:
         """Reserve T new slots (is_token [T] bool) and return where they are; each layer then
         fills its keys and values there with ``store``."""
         start, end = self.length, self.length + len(is_token)
-        if end > len(self._is_token):  # grow geometrically: appends stay amortised O(1)
-            capacity = max(end, 2 * len(self._is_token))
-            keys, values = self._allocate(capacity)
-            for old, new in zip(self._keys + self._values, keys + values):
-                new[:, :start] = old[:, :start]
-            self._keys, self._values = keys, values
-            is_token_all = np.zeros(capacity, dtype=bool)
-            is_token_all[:start] = self._is_token[:start]
-            self._is_token = is_token_all
+        self.make_room(len(is_token))
         self._is_token[start:end] = is_token
         self.next_position += int(np.count_nonzero(is_token))
         self.length = end

@@ -89,7 +89,9 @@ class ChatGLM2:
         """An empty KV cache for one sequence (layout in glm_numpy.cache), stored as "float32",
         "float16" or "bfloat16" (half the memory; attention widens what it reads)."""
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_groups, c.head_dim, dtype=dtype)
+        return KVCache(
+            c.num_layers, c.num_kv_groups, c.head_dim, dtype=dtype, max_tokens=c.seq_length
+        )
 
     # ------------------------------------------------------------------ forward pass
     def forward(
@@ -154,6 +156,7 @@ class ChatGLM2:
                     f"{cache.length} cached + {T} new tokens = {cache.length + T}, beyond this "
                     f"model's seq_length of {limit} tokens"
                 )
+            cache.make_room(T)  # at once, not by doubling chunk after chunk
         chunk = self.prefill_chunk
         if record is not None or chunk is None or T <= chunk:
             return self._forward_pass(ids, is_token, caches, record, last_only)
