@@ -31,6 +31,12 @@ when the work is below SERIAL_WORK (waking the pool cost more than the work).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -49,6 +55,9 @@ DIRECT_WORK = 1 << 22
 # Scores per tile ([Tq * r, Sk] float32): 512 x 1024 = 2 MiB, the size of one core's L2.
 TILE_SCORES = 1 << 19
 TILE_ROWS = 512  # query rows (token, head) per tile: enough for sgemm to run near its peak
+# Keys per tile at most (a decoded token's 16 rows would allow 32K): a 16-bit block widened to
+# float32, 2048 x 128 x 4 B = 1 MiB, stays in L2 between its widening and its sgemm.
+KEY_BLOCK = 2048
 
 
 def attention_context(
@@ -76,33 +85,90 @@ def tiled_attention(
 ) -> np.ndarray:
     """attention_context by (group, query block) x key block tiles (module docstring)."""
     T, H, Dh = q.shape
-    S, G = keys.shape[0], keys.shape[1]
+    G = keys.shape[1]
     r = H // G  # query heads per kv group
     out = np.empty((T, G, r, Dh), dtype=np.float32)
     # 1/sqrt(Dh) goes on the queries once instead of on every score.
     q_scaled = q.reshape(T, G, r, Dh) * np.float32(1.0 / np.sqrt(Dh))  # [T, G, r, Dh]
     first, last = allowed_span(allowed)  # [T] each: the first and last key each query may see
     tokens_per_block = max(1, TILE_ROWS // r)
-    key_block = max(64, TILE_SCORES // (tokens_per_block * r))
-    key_buffer = np.empty((min(key_block, S), Dh), dtype=np.float32)  # widened 16-bit keys
-    value_buffer = np.empty_like(key_buffer)
-    for g in range(G):
-        for t0 in range(0, T, tokens_per_block):
-            t1 = min(T, t0 + tokens_per_block)
-            rows = q_scaled[t0:t1, g].reshape(-1, Dh)  # [Tq * r, Dh]: (token, head) rows
-            top = np.full(len(rows), -np.inf, dtype=np.float32)  # [Tq * r] running maximum
-            total = np.zeros(len(rows), dtype=np.float32)  # [Tq * r] running sum of exp
-            acc = np.zeros((len(rows), Dh), dtype=np.float32)  # [Tq * r, Dh] unnormalised out
-            s_begin, s_end = int(first[t0:t1].min()), int(last[t0:t1].max()) + 1
-            for s0 in range(s_begin, s_end, key_block):
-                s1 = min(s_end, s0 + key_block)
-                k = key_block_f32(keys, g, s0, s1, key_buffer)  # [Sk, Dh]
-                v = key_block_f32(values, g, s0, s1, value_buffer)  # [Sk, Dh]
-                scores = rows @ k.T  # [Tq * r, Sk]
-                online_softmax_step(scores, allowed[t0:t1, s0:s1], r, top, total, acc)
-                acc += scores @ v  # scores now hold exp(score - top): [Tq * r, Dh]
-            out[t0:t1, g] = (acc / total[:, None]).reshape(t1 - t0, r, Dh)
+    jobs = [
+        (g, t0, min(T, t0 + tokens_per_block))
+        for g in range(G)
+        for t0 in range(0, T, tokens_per_block)
+    ]
+
+    def attend_block(job: tuple[int, int, int]) -> None:
+        g, t0, t1 = job
+        span = int(first[t0:t1].min()), int(last[t0:t1].max()) + 1
+        rows = q_scaled[t0:t1, g].reshape(-1, Dh)  # [Tq * r, Dh]: (token, head) rows
+        context = attend_rows(rows, r, keys, values, g, allowed[t0:t1], span)  # [Tq * r, Dh]
+        out[t0:t1, g] = context.reshape(t1 - t0, r, Dh)
+
+    run_jobs(attend_block, jobs)
     return out.reshape(T, H, Dh)
+
+
+def attend_rows(rows, r, keys, values, g, allowed, span) -> np.ndarray:
+    """rows [Tq * r, Dh] (scaled queries of group g; row i is token i // r) against keys and
+    values [S, G, Dh], allowed [Tq, S], keys span[0]:span[1] -> context [Tq * r, Dh]."""
+    Dh = rows.shape[1]
+    key_block = min(KEY_BLOCK, max(64, TILE_SCORES // len(rows)))
+    buffer = np.empty((2, min(key_block, span[1] - span[0]), Dh), dtype=np.float32)
+    top = np.full(len(rows), -np.inf, dtype=np.float32)  # [Tq * r] running maximum
+    total = np.zeros(len(rows), dtype=np.float32)  # [Tq * r] running sum of exp
+    acc = np.zeros((len(rows), Dh), dtype=np.float32)  # [Tq * r, Dh] unnormalised output
+    for s0 in range(span[0], span[1], key_block):
+        s1 = min(span[1], s0 + key_block)
+        k = key_block_f32(keys, g, s0, s1, buffer[0])  # [Sk, Dh]
+        v = key_block_f32(values, g, s0, s1, buffer[1])  # [Sk, Dh]
+        scores = rows @ k.T  # [Tq * r, Sk]
+        online_softmax_step(scores, allowed[:, s0:s1], r, top, total, acc)
+        acc += scores @ v  # scores now hold exp(score - top)
+    return acc / total[:, None]
+
+
+def run_jobs(work, jobs: list) -> None:
+    """work(job) for every job, on as many threads as numba may use, each calling BLAS on
+    one thread (so the cores never wait on each other inside a small sgemm); on the calling
+    thread alone if numpy's BLAS is not an OpenBLAS whose thread count can be set."""
+    workers = min(len(jobs), numba.get_num_threads())
+    blas = _openblas_threads()
+    if workers < 2 or blas is None:
+        for job in jobs:
+            work(job)
+        return
+    set_threads, get_threads = blas
+    before = get_threads()
+    set_threads(1)
+    try:
+        list(_pool(workers).map(work, jobs))
+    finally:
+        set_threads(before)
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="glm-attention")
+
+
+@functools.cache
+def _openblas_threads():
+    """(set_num_threads, get_num_threads) of the OpenBLAS numpy loaded, found by its path in
+    /proc/self/maps (Linux), or None."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "openblas" in line}
+    for path in sorted(p for p in paths if p.startswith("/")):
+        library = ctypes.CDLL(path)
+        for suffix in ("", "64_"):
+            for prefix in ("openblas", "scipy_openblas"):
+                setter = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter
+    return None
 
 
 def allowed_span(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,25 +195,25 @@ def key_block_f32(cache: np.ndarray, g: int, s0: int, s1: int, buffer: np.ndarra
     return block
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def widen_fp16_rows(bits, g, s0, out):
     """bits [S, G, Dh] fp16 bits -> out [n, Dh] float32 = rows s0:s0+n of group g."""
-    for s in prange(out.shape[0]):
+    for s in range(out.shape[0]):
         row = bits[s0 + s, g]
         for d in range(out.shape[1]):
             out[s, d] = fp16_bits_to_float32(row[d])
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def widen_bf16_rows(bits, g, s0, out):
     """bits [S, G, Dh] bfloat16 bits -> out [n, Dh] float32 = rows s0:s0+n of group g."""
-    for s in prange(out.shape[0]):
+    for s in range(out.shape[0]):
         row = bits[s0 + s, g]
         for d in range(out.shape[1]):
             out[s, d] = bf16_bits_to_float32(row[d])
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def online_softmax_step(scores, allowed, r, top, total, acc):
     """One key block of the online softmax, in place.
 
@@ -155,7 +221,7 @@ def online_softmax_step(scores, allowed, r, top, total, acc):
     not allowed [Tq, Sk]; top, total [Tq * r] and acc [Tq * r, Dh] rescaled to the new maximum.
     The caller then adds scores @ values to acc.
     """
-    for i in prange(scores.shape[0]):
+    for i in range(scores.shape[0]):
         row, mask = scores[i], allowed[i // r]
         block_top = np.float32(-np.inf)
         for s in range(row.shape[0]):
