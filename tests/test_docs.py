@@ -49,7 +49,7 @@ def test_a_probe_whose_sizes_collide_is_refused():
 
 def test_step_through_notebooks_are_committed_without_outputs():
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
-    assert len(notebooks) == 11  # 00-tour ... 10-quantisation
+    assert len(notebooks) == 12  # 00-tour ... 10-quantisation, 15-long-context
     for path in notebooks:
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         for cell in cells:
