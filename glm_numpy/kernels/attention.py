@@ -55,6 +55,9 @@ DIRECT_WORK = 1 << 22
 # Scores per tile ([Tq * r, Sk] float32): 512 x 1024 = 2 MiB, the size of one core's L2.
 TILE_SCORES = 1 << 19
 TILE_ROWS = 512  # query rows (token, head) per tile: enough for sgemm to run near its peak
+# Below this many query rows (a decoded token has r = 16) scores are computed as keys @ rows.T
+# and transposed: single-threaded OpenBLAS, [8192, 128] keys, 16 rows: 0.84 vs 1.28 ms.
+WIDE_ROWS = 128
 # Keys per tile at most (a decoded token's 16 rows would allow 32K): a 16-bit block widened to
 # float32, 2048 x 128 x 4 B = 1 MiB, stays in L2 between its widening and its sgemm.
 KEY_BLOCK = 2048
@@ -122,7 +125,10 @@ def attend_rows(rows, r, keys, values, g, allowed, span) -> np.ndarray:
         s1 = min(span[1], s0 + key_block)
         k = key_block_f32(keys, g, s0, s1, buffer[0])  # [Sk, Dh]
         v = key_block_f32(values, g, s0, s1, buffer[1])  # [Sk, Dh]
-        scores = rows @ k.T  # [Tq * r, Sk]
+        if len(rows) < WIDE_ROWS:  # OpenBLAS is faster at [Sk, Dh] @ [Dh, 16] than the reverse
+            scores = np.ascontiguousarray((k @ rows.T).T)  # [Tq * r, Sk]
+        else:
+            scores = rows @ k.T  # [Tq * r, Sk]
         online_softmax_step(scores, allowed[:, s0:s1], r, top, total, acc)
         acc += scores @ v  # scores now hold exp(score - top)
     return acc / total[:, None]
