@@ -215,14 +215,14 @@ def run(args) -> dict:
         checkpoint, gguf = FORMATS[name]
         directory = str(Path(args.checkpoints) / checkpoint)
         glm = results.setdefault(f"glm_numpy {name}", {})
-        for context in args.contexts:
+        for context in args.contexts if "glm" in args.runtimes else ():
             glm[f"decode@{context}"] = measure(args.lock, "glm_decode", directory, context)
-        for tokens in args.prompts:
+        for tokens in args.prompts if "glm" in args.runtimes else ():
             numerics = name == "int4" and tokens == max(args.prompts)
             glm[f"prefill {tokens}"] = measure(
                 args.lock, "glm_prefill", directory, tokens, numerics
             )
-        if args.gguf_dir and (Path(args.gguf_dir) / gguf).is_file():
+        if "llama" in args.runtimes and args.gguf_dir and (Path(args.gguf_dir) / gguf).is_file():
             llama = results.setdefault(f"llama.cpp {gguf.split('-')[1][:-5]}", {})
             for context in LLAMA_CONTEXTS:
                 if context <= max(args.contexts):
@@ -241,7 +241,8 @@ def gib(n: float) -> str:
 def table(results: dict) -> str:
     """The markdown section for docs/performance.md."""
     lines = [
-        f"Run {results['started']} (`python benchmarks/bench_long_context.py`), full-size random",
+        f"Runs {', '.join(results.get('runs', [results['started']]))} "
+        "(`python benchmarks/bench_long_context.py`), full-size random",
         f"6B, {THREADS} threads, one subprocess per cell. Decode tok/s (peak RSS GiB) after",
         "a context of N tokens; prefill tok/s of an N-token prompt.",
         "",
@@ -299,9 +300,10 @@ def main() -> None:
     parser.add_argument("--gguf-dir", help="directory holding 6b-q4_0.gguf and 6b-f16.gguf")
     parser.add_argument("--lock", help="run each measurement under flock LOCK")
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=["int4", "fp16"])
-    parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
-    parser.add_argument("--prompts", nargs="+", type=int, default=list(PROMPTS))
+    parser.add_argument("--contexts", nargs="*", type=int, default=list(CONTEXTS))
+    parser.add_argument("--prompts", nargs="*", type=int, default=list(PROMPTS))
     parser.add_argument("--long-prompt", action="store_true", help="also a 32K prompt on int4")
+    parser.add_argument("--runtimes", nargs="+", choices=["glm", "llama"], default=["glm", "llama"])
     parser.add_argument("--out", help="write (and merge into) this JSON file")
     parser.add_argument("--table-from", help="only print the table of this JSON file")
     parser.add_argument("--write-docs", action="store_true")
@@ -317,8 +319,13 @@ def main() -> None:
         if not args.checkpoints:
             parser.error("--checkpoints DIR is required")
         results = run(args)
-        if args.out and Path(args.out).is_file():  # merge with an earlier partial run
-            results = {**json.loads(Path(args.out).read_text()), **results}
+        if args.out and Path(args.out).is_file():  # merge with earlier partial runs, cell by cell
+            earlier = json.loads(Path(args.out).read_text())
+            for runtime, cells in results.items():
+                if isinstance(cells, dict):
+                    earlier[runtime] = {**earlier.get(runtime, {}), **cells}
+            earlier.setdefault("runs", []).append(results["started"])
+            results = earlier
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
     section = table(results)
