@@ -186,7 +186,48 @@ def llama_run(path: str, context: int) -> dict:
     }
 
 
+# ------------------------------------------------------------------ the attention kernel alone
+def kernel_gflops(tokens: int = 8192, chunk: int = 512) -> dict:
+    """GFLOP/s of glm_numpy's attention over one 6B layer's causal prefill of `tokens` (H=32,
+    G=2, Dh=128), in prefill chunks as the model runs it and in one pass, beside numpy's sgemm
+    ([4096, 4096]^2), alternated three times, best of each. FLOPs: 4 Dh per (head, query, key)
+    a query may see, T(T+1)/2 pairs per head."""
+    import numpy as np
+
+    from glm_numpy.kernels.attention import attention_context
+    from glm_numpy.layers.attention import causal_mask
+
+    H, G, Dh = 32, 2, 128
+    rng = np.random.default_rng(SEED)
+    q = rng.standard_normal((tokens, H, Dh)).astype(np.float32)
+    keys, values = rng.standard_normal((2, G, tokens, Dh)).astype(np.float32)  # cache layout
+    keys, values = keys.transpose(1, 0, 2), values.transpose(1, 0, 2)  # [S, G, Dh] views
+    flops = 4 * Dh * H * tokens * (tokens + 1) / 2
+    a = rng.standard_normal((4096, 4096)).astype(np.float32)
+
+    def chunked() -> None:
+        for t0 in range(0, tokens, chunk):
+            t1 = min(tokens, t0 + chunk)
+            attention_context(q[t0:t1], keys[:t1], values[:t1], causal_mask(t1 - t0, t1))
+
+    def one_pass() -> None:
+        attention_context(q, keys, values, causal_mask(tokens, tokens))
+
+    def sgemm() -> None:
+        np.matmul(a, a)
+
+    best = {"chunked": 0.0, "one_pass": 0.0, "sgemm": 0.0}
+    work = {"chunked": flops, "one_pass": flops, "sgemm": 2 * 4096**3}
+    for _ in range(3):
+        for name, run in (("chunked", chunked), ("one_pass", one_pass), ("sgemm", sgemm)):
+            started = time.perf_counter()
+            run()
+            best[name] = max(best[name], work[name] / (time.perf_counter() - started) / 1e9)
+    return {f"{name}_gflops": value for name, value in best.items()}
+
+
 WORKERS = {
+    "kernel": kernel_gflops,
     "glm_decode": glm_decode,
     "glm_prefill": glm_prefill,
     "glm_long_prompt": glm_long_prompt,
@@ -228,6 +269,8 @@ def run(args) -> dict:
                 if context <= max(args.contexts):
                     path = str(Path(args.gguf_dir) / gguf)
                     llama[f"run@{context}"] = measure(args.lock, "llama", path, context)
+    if args.kernel:  # no checkpoint: no lock
+        results["attention kernel"] = measure(None, "kernel")
     if args.long_prompt:
         directory = str(Path(args.checkpoints) / FORMATS["int4"][0])
         results["long prompt int4"] = measure(args.lock, "glm_long_prompt", directory, 32768)
@@ -251,7 +294,7 @@ def table(results: dict) -> str:
         "|---" * (1 + len(CONTEXTS) + len(PROMPTS)) + "|",
     ]  # fmt: skip
     for runtime, cells in results.items():
-        if not isinstance(cells, dict) or runtime.startswith("long"):
+        if not isinstance(cells, dict) or runtime.startswith(("long", "attention")):
             continue
         row = [runtime]
         for c in CONTEXTS:
@@ -264,6 +307,17 @@ def table(results: dict) -> str:
             )
             row.append(_cell(cell, key))
         lines.append("| " + " | ".join(row) + " |")
+    kernel = results.get("attention kernel")
+    if kernel and "sgemm_gflops" in kernel:
+        lines += [
+            "",
+            f"Attention kernel alone, one 6B layer's 8K causal prefill: "
+            f"{kernel['chunked_gflops']:.0f} GFLOP/s in 512-token chunks, "
+            f"{kernel['one_pass_gflops']:.0f} in one pass; numpy sgemm "
+            f"{kernel['sgemm_gflops']:.0f} GFLOP/s in the same process "
+            f"({kernel['chunked_gflops'] / kernel['sgemm_gflops']:.0%} and "
+            f"{kernel['one_pass_gflops'] / kernel['sgemm_gflops']:.0%}).",
+        ]
     long = results.get("long prompt int4")
     if long and "peak_rss" in long:
         budget = long["weights"] + long["kv_cache"] + 2**30 * 1.5
@@ -303,6 +357,7 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="*", type=int, default=list(CONTEXTS))
     parser.add_argument("--prompts", nargs="*", type=int, default=list(PROMPTS))
     parser.add_argument("--long-prompt", action="store_true", help="also a 32K prompt on int4")
+    parser.add_argument("--kernel", action="store_true", help="also the attention kernel alone")
     parser.add_argument("--runtimes", nargs="+", choices=["glm", "llama"], default=["glm", "llama"])
     parser.add_argument("--out", help="write (and merge into) this JSON file")
     parser.add_argument("--table-from", help="only print the table of this JSON file")

@@ -245,3 +245,14 @@ def test_cli_prompt_plus_max_new_tokens_beyond_seq_length(tmp_path, capsys):
 def test_a_cache_too_big_to_allocate_names_the_bytes():
     with pytest.raises(MemoryError, match="cannot allocate a KV cache of 63,050,394,738,688 bytes"):
         KVCache(28, 2, 128, capacity=2**40 // 1000, dtype="float32")
+
+
+def test_attention_leaves_blas_threads_as_they_were():
+    """The tiles run on single-threaded OpenBLAS, which is set back for the projections."""
+    blas = kernel._openblas_threads()
+    if blas is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS whose thread count can be read")
+    before = blas[1]()
+    q, keys, values, allowed = attention_case(0, 300, 300, 0, 8, 2)
+    kernel.attention_context(q, keys, values, allowed)
+    assert blas[1]() == before

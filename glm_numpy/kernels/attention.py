@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,12 +146,16 @@ def run_jobs(work, jobs: list) -> None:
             work(job)
         return
     set_threads, get_threads = blas
-    before = get_threads()
-    set_threads(1)
-    try:
-        list(_pool(workers).map(work, jobs))
-    finally:
-        set_threads(before)
+    with _ONE_BLAS_THREAD:  # the thread count is process-wide: one attention call at a time
+        before = get_threads()
+        set_threads(1)
+        try:
+            list(_pool(workers).map(work, jobs))
+        finally:
+            set_threads(before)
+
+
+_ONE_BLAS_THREAD = threading.Lock()
 
 
 @functools.cache
