@@ -25,8 +25,8 @@ is parallel over the rows of every (group, query block) tile rather than over ti
 tile's sgemm already fills both cores and two concurrent BLAS calls would only contend.
 
 A small problem (a decoded token over a short cache) is not worth the tiles' Python overhead:
-``direct_attention`` does it in one numba call, one (head, query) job at a time, on one thread
-when the work is below SERIAL_WORK (waking the pool cost more than the work).
+``direct_attention`` does it in one numba call on the calling thread, one (head, query) pair at
+a time.
 """
 
 from __future__ import annotations
@@ -40,19 +40,17 @@ from pathlib import Path
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
 from glm_numpy.kernels.matvec import FASTMATH
 
-# Up to this many multiply-adds (T * H * S * Dh) one thread is faster than handing work to the
-# pool: measured at 6B decode shapes (T=1, H=32, Dh=128) with the workers asleep between jobs
-# (OMP_WAIT_POLICY=PASSIVE), serial vs parallel 10 vs 41 us at S=16, 34 vs 59 at S=64, 153 vs 126
-# at S=256.
-SERIAL_WORK = 1 << 19
-# Up to this many multiply-adds the direct kernel beats the tiles (a few numpy calls per group).
-DIRECT_WORK = 1 << 22
+# Up to this many multiply-adds (T * H * S * Dh) the direct kernel, on one thread, beats the
+# tiles (a few numpy calls per group and a hand-off to the worker threads): 6B decode shapes
+# (T=1, H=32, Dh=128), direct vs tiled, ms: S=64 0.05 vs 0.09, S=256 0.22 vs 0.13, S=1024 1.6
+# vs 0.4 (best of 5, loaded VM).
+DIRECT_WORK = 1 << 19
 # Scores per tile ([Tq * r, Sk] float32): 512 x 1024 = 2 MiB, the size of one core's L2.
 TILE_SCORES = 1 << 19
 TILE_ROWS = 512  # query rows (token, head) per tile: enough for sgemm to run near its peak
@@ -301,23 +299,13 @@ def direct_attention(
 ) -> np.ndarray:
     """attention_context for small problems: one numba call, float32 keys and values."""
     out = np.empty(q.shape, dtype=np.float32)
-    T, H, Dh = q.shape
-    kernel = fused_attention if T * H * keys.shape[0] * Dh > SERIAL_WORK else fused_attention_serial
-    kernel(np.ascontiguousarray(q, dtype=np.float32), keys, values, allowed, out)
+    fused_attention_serial(np.ascontiguousarray(q, dtype=np.float32), keys, values, allowed, out)
     return out
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def fused_attention(q, keys, values, allowed, out):
-    """Fill out [T, H, Dh] (see direct_attention); each (head, query) pair is one job."""
-    T, H = q.shape[0], q.shape[1]
-    for job in prange(H * T):
-        _attend_one(job // T, job % T, q, keys, values, allowed, out)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def fused_attention_serial(q, keys, values, allowed, out):
-    """fused_attention on the calling thread alone."""
+    """Fill out [T, H, Dh] (see direct_attention), one (head, query) pair after another."""
     T, H = q.shape[0], q.shape[1]
     for job in range(H * T):
         _attend_one(job // T, job % T, q, keys, values, allowed, out)
@@ -326,7 +314,7 @@ def fused_attention_serial(q, keys, values, allowed, out):
 @njit(inline="always", fastmath=FASTMATH)
 def _attend_one(h, t, q, keys, values, allowed, out):
     """out[t, h] = softmax over the allowed keys of q[t, h] · keys[:, g] / sqrt(Dh), applied to
-    values[:, g], with g = h // (H/G). Inlined by numba into both loops (see matvec.py)."""
+    values[:, g], with g = h // (H/G)."""
     H, Dh = q.shape[1], q.shape[2]
     S, G = keys.shape[0], keys.shape[1]
     g = h // (H // G)
