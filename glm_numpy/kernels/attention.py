@@ -5,24 +5,26 @@
     -> context [T, H, Dh] = attend(masked_softmax(attention_scores(q, keys), allowed), values)
 
 The readable definition is glm_numpy.layers.attention; this computes the same function
-(tests/test_attention_kernel.py) without ever holding the [H, T, S] score matrix:
+(tests/test_long_context.py) without ever holding the [H, T, S] score matrix:
 
 - GQA-aware: the r = H/G query heads of one kv group are stacked into one matrix of
   (token, head) rows [Tq * r, Dh], so each key and value row is read once per group and the
   inner products are matrix products (BLAS sgemm), not one dot product per (head, key);
-- tiled: (group, query block) x key block tiles of at most TILE_SCORES scores; a tile that its
-  queries may not see at all (the causal future, left padding) is skipped;
+- tiled: (group, query block) x key block tiles of at most TILE_SCORES scores; keys that no
+  query of a block may see (the causal future, left padding) are never visited;
 - online softmax: each query row keeps its running maximum, running sum and unnormalised output;
   a new key block rescales them by exp(old max - new max) (flash attention's recurrence), so the
   result equals the softmax over all keys at once;
-- the exponentials run in a numba kernel parallel over rows, with a polynomial exp (below) that
-  LLVM vectorises (numba has no vector exp without Intel's SVML);
+- the exponentials run in a numba kernel with a polynomial exp (below) that LLVM vectorises
+  (numba has no vector exp without Intel's SVML);
 - a 16-bit cache is widened to float32 one key block at a time (into a buffer that stays in
   cache), never as a whole.
 
-The matrix products run on OpenBLAS's threads (both cores), the softmax on numba's: the work
-is parallel over the rows of every (group, query block) tile rather than over tiles, because a
-tile's sgemm already fills both cores and two concurrent BLAS calls would only contend.
+Parallel over (group, query block): each such job runs on a Python thread (numba's thread count
+of them; numpy and the numba kernels release the GIL) with OpenBLAS set to one thread for the
+duration. Letting OpenBLAS split each tile's sgemm between the cores instead, with the softmax
+in between on numba's pool, made the cores wait on each other at every hand-off: 5 GFLOP/s
+instead of 50-66 for a 512-token chunk at an 8K context on the (loaded) 2-core VM.
 
 A small problem (a decoded token over a short cache) is not worth the tiles' Python overhead:
 ``direct_attention`` does it in one numba call on the calling thread, one (head, query) pair at
