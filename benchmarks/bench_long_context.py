@@ -379,7 +379,7 @@ def main() -> None:
             for runtime, cells in results.items():
                 if isinstance(cells, dict):
                     earlier[runtime] = {**earlier.get(runtime, {}), **cells}
-            earlier.setdefault("runs", []).append(results["started"])
+            earlier.setdefault("runs", [earlier["started"]]).append(results["started"])
             results = earlier
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
