@@ -214,11 +214,19 @@ def open_tokenizer(
     return tokenizer
 
 
-def check_prompt_fits(ids: list[int], config: ChatGLM2Config) -> None:
+def check_prompt_fits(
+    ids: list[int], config: ChatGLM2Config, max_new_tokens: int | None = None
+) -> None:
     if len(ids) >= config.seq_length:
         raise CliError(
             f"the prompt is {len(ids)} tokens, too long for this model's seq_length of "
             f"{config.seq_length} (room is needed for at least one new token)"
+        )
+    if max_new_tokens is not None and len(ids) + max_new_tokens > config.seq_length:
+        raise CliError(
+            f"the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is "
+            f"{len(ids) + max_new_tokens} tokens, beyond this model's seq_length of "
+            f"{config.seq_length}"
         )
 
 
@@ -262,7 +270,7 @@ def run_generate(args: argparse.Namespace) -> int:
     options = sampling_options(args, config)
     tokenizer = open_tokenizer(directory, config, args.family)
     ids = prompt_ids(args, directory, tokenizer)
-    check_prompt_fits(ids, config)
+    check_prompt_fits(ids, config, args.max_new_tokens)
     announce_first_run(args)
     started = time.perf_counter()
     model = ChatGLM2.from_pretrained(directory, family=args.family, progress=show_progress(args))

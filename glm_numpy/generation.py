@@ -192,6 +192,24 @@ def new_token_budget(config: GenerationConfig, prompt_length: int, cached: int =
     return room if config.max_new_tokens is None else min(room, config.max_new_tokens)
 
 
+def model_token_budget(
+    model: ChatGLM2, config: GenerationConfig, prompt_length: int, cached: int = 0
+) -> int:
+    """new_token_budget, also within the model's seq_length (its rotary table: no position
+    beyond it exists). A max_new_tokens that cannot fit there is an error, not a silently
+    shorter answer."""
+    limit = model.config.seq_length
+    asked = cached + prompt_length + (config.max_new_tokens or 1)
+    if asked > limit:
+        new = f"max_new_tokens={config.max_new_tokens}" if config.max_new_tokens else "1 new token"
+        raise ValueError(
+            f"the prompt ({prompt_length} tokens, after {cached} cached) plus {new} is {asked} "
+            f"tokens, beyond this model's seq_length of {limit} tokens"
+        )
+    budget = new_token_budget(config, prompt_length, cached)
+    return min(budget, limit - cached - prompt_length)
+
+
 def generate_stream(
     model: ChatGLM2,
     prompt_ids: Sequence[int],
@@ -219,7 +237,7 @@ def generate_stream(
     rng = rng if rng is not None else np.random.default_rng(config.seed)
     cache = cache if cache is not None else model.new_cache()
     stats = stats if stats is not None else GenerationStats()
-    budget = new_token_budget(config, len(prompt_ids), cache.length)
+    budget = model_token_budget(model, config, len(prompt_ids), cache.length)
     seen = list(prompt_ids)
 
     started = time.perf_counter()
@@ -285,7 +303,7 @@ def generate_batch(
     """
     config = config or GenerationConfig()
     rng = rng if rng is not None else np.random.default_rng(config.seed)
-    budgets = [new_token_budget(config, len(p)) for p in prompts]
+    budgets = [model_token_budget(model, config, len(p)) for p in prompts]
     batch = left_pad(prompts)
     caches = [model.new_cache() for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]

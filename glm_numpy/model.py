@@ -33,6 +33,9 @@ from glm_numpy.layers.swiglu import silu
 from glm_numpy.quantize import QuantizedWeight
 
 Trace = dict[str, np.ndarray]
+# Tokens per prefill pass (ChatGLM2(prefill_chunk=...)): big enough for the projections' sgemm
+# to run at full speed, small enough that a 32K prompt's activations stay a few hundred MB.
+PREFILL_CHUNK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +59,16 @@ class ChatGLM2:
         config: ChatGLM2Config,
         weights: Mapping[str, np.ndarray],
         reference_fp16_rotary: bool = False,
+        prefill_chunk: int | None = PREFILL_CHUNK,
     ):
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or prefill_chunk < 1):
+            raise ValueError(
+                f"prefill_chunk={prefill_chunk!r}: expected a token count >= 1 or None"
+            )
         self.config = config
         self.weights = weights
         self.reference_fp16_rotary = reference_fp16_rotary
+        self.prefill_chunk = prefill_chunk
         self.word_embeddings = weights["transformer.embedding.word_embeddings.weight"]  # [V, D]
         self.layers = [self._layer_weights(i) for i in range(config.num_layers)]
         self.final_layernorm = weights["transformer.encoder.final_layernorm.weight"]  # [D]
@@ -86,10 +95,13 @@ class ChatGLM2:
         prefix = f"transformer.encoder.layers.{i}."
         return layer_weights(self.weights, prefix, self.config.quantization_bit)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for one sequence (layout in glm_numpy.cache)."""
+    def new_cache(self, dtype: str = "float32") -> KVCache:
+        """An empty KV cache for one sequence (layout in glm_numpy.cache), stored as "float32",
+        "float16" or "bfloat16" (half the memory; attention widens what it reads)."""
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_groups, c.head_dim)
+        return KVCache(
+            c.num_layers, c.num_kv_groups, c.head_dim, dtype=dtype, max_tokens=c.seq_length
+        )
 
     # ------------------------------------------------------------------ forward pass
     def forward(
@@ -106,7 +118,8 @@ class ChatGLM2:
         With a cache, the new tokens are appended to it and their positions continue from it.
         hooks {trace name or pattern: fn}: fn(array) sees that intermediate and may return a
         replacement of the same shape (glm_numpy.hooks). With trace=True, also returns
-        {name: array} of every intermediate (after the hooks), in the order computed.
+        {name: array} of every intermediate (after the hooks), in the order computed (a pass with
+        hooks or a trace runs the prompt in one pass, whatever prefill_chunk says).
         progress(tokens), when given, hears of the work as it goes: T / L after each layer.
         """
         ids = np.asarray(input_ids)
@@ -153,7 +166,46 @@ class ChatGLM2:
         last_only: bool,
         progress: Callable[[float], None] | None = None,
     ) -> np.ndarray:
-        """ids [B, T], is_token [B, T] -> logits [B, T or 1, V], through the resolved hooks."""
+        """ids [B, T], is_token [B, T] -> logits [B, T or 1, V], through the resolved hooks.
+
+        Chunked prefill: without hooks, a prompt longer than prefill_chunk runs through all
+        layers prefill_chunk tokens at a time, each chunk appending to the caches before the
+        next attends to them, so activations ([T, 2F] and the like) stay the size of one chunk.
+        """
+        T, limit = ids.shape[1], self.config.seq_length
+        for cache in caches:
+            if cache.length + T > limit:
+                raise ValueError(
+                    f"{cache.length} cached + {T} new tokens = {cache.length + T}, beyond this "
+                    f"model's seq_length of {limit} tokens"
+                )
+            cache.make_room(T)  # at once, not by doubling chunk after chunk
+        chunk = self.prefill_chunk
+        if hooks or chunk is None or T <= chunk:
+            return self._forward_pass(ids, is_token, caches, hooks, last_only, progress)
+        logits = [
+            self._forward_pass(
+                ids[:, s : s + chunk],
+                is_token[:, s : s + chunk],
+                caches,
+                hooks,
+                last_only,
+                progress,
+            )
+            for s in range(0, T, chunk)
+        ]  # [B, chunk or 1, V] each
+        return logits[-1] if last_only else np.concatenate(logits, axis=1)
+
+    def _forward_pass(
+        self,
+        ids: np.ndarray,
+        is_token: np.ndarray,
+        caches: list[KVCache],
+        hooks: dict[str, list[Hook]],
+        last_only: bool,
+        progress: Callable[[float], None] | None = None,
+    ) -> np.ndarray:
+        """_forward in one pass over all T tokens."""
         c = self.config
         positions = np.stack([cache.positions_for(m) for cache, m in zip(caches, is_token)])
         positions = apply_hooks(hooks, "positions", positions)  # [B, T]
@@ -313,10 +365,11 @@ def self_attention(run: Pass, i: int, w: LayerWeights, a: np.ndarray) -> np.ndar
     context = np.empty((B, T, H, Dh), dtype=np.float32)
     for b, cache in enumerate(run.caches):
         cache.store(i, run.slots[b], k[b], v[b])  # keys are cached after rotary
-        keys, values = cache.keys(i), cache.values(i)  # [S, G, Dh]
-        if run.fused and kernels.usable():
+        if run.fused and kernels.usable():  # no hooks: the same math fused (tested equal)
+            keys, values = cache.stored_keys(i), cache.stored_values(i)  # [S, G, Dh] as stored
             context[b] = attention_context(q[b], keys, values, run.allowed[b])  # [T, H, Dh]
             continue
+        keys, values = cache.keys(i), cache.values(i)  # [S, G, Dh] float32
         scores = run.see(f"{name}.scores", attention_scores(q[b], keys)[None])[0]  # [H, T, S]
         probs = masked_softmax(scores, run.allowed[b])  # [H, T, S]
         probs = run.see(f"{name}.probs", probs[None])[0]

@@ -166,7 +166,7 @@ def test_ctrl_c_interrupts_the_reply_not_the_session(model_dir):
     # Seeded, so the reply is the same long one every run; Ctrl-C as soon as it starts, so it
     # cannot end on its own first (with a sleep, a tiny model's reply sometimes did, and the
     # Ctrl-C then landed at the next prompt).
-    command = [*CLI, "chat", "--model", str(model_dir), "--seed", "0", "--max-new-tokens", "9999"]
+    command = [*CLI, "chat", "--model", str(model_dir), "--seed", "0", "--max-new-tokens", "400"]
     process = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

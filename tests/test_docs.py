@@ -49,7 +49,7 @@ def test_a_probe_whose_sizes_collide_is_refused():
 
 def test_step_through_notebooks_are_committed_without_outputs():
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
-    assert len(notebooks) == 15  # 00-tour ... 14-debugging-a-port
+    assert len(notebooks) == 16  # 00-tour ... 14-debugging-a-port, 15-long-context
     for path in notebooks:
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         for cell in cells:

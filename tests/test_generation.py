@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from glm_numpy import ChatGLM2, ChatGLM2Tokenizer, ChatSession, GenerationConfig, KVCache
+from glm_numpy.config import ChatGLM2Config
 from glm_numpy.generation import (
     GenerationStats,
     apply_repetition_penalty,
@@ -48,6 +49,7 @@ class ScriptedModel:
 
     def __init__(self, script: list[int], vocab: int):
         self.script, self.vocab, self.calls = script, vocab, 0
+        self.config = ChatGLM2Config(seq_length=8192)  # generation reads the context limit
 
     def new_cache(self) -> KVCache:
         return KVCache(num_layers=1, num_kv_groups=1, head_dim=4)

@@ -1,58 +1,332 @@
-"""Attention over the KV cache without the [S, H, Dh] per-head copies of the cache that the
-readable layers (glm_numpy.layers.attention) build for clarity.
+"""Attention over the KV cache that scales to long contexts: tiled, online softmax, GQA-aware.
 
-    q [T, H, Dh], keys/values [S, G, Dh] (head h reads group h // (H/G)), allowed [T, S] bool
+    q [T, H, Dh], keys/values [S, G, Dh] (float32, float16 or bfloat16 bits as uint16; head h
+    reads group h // (H/G)), allowed [T, S] bool
     -> context [T, H, Dh] = attend(masked_softmax(attention_scores(q, keys), allowed), values)
 
-One numba job per (head, query): scores against the allowed keys of the head's group, softmax,
-weighted sum of values; keys a query may not see are skipped, not computed and masked (half of
-the work of a causal prefill). 4-8x faster than the readable layers at every size measured
-(1 to 512 queries). A decoded token over a short cache runs the same jobs on one thread
-(SERIAL_WORK): there, waking the thread pool cost more than the work.
+The readable definition is glm_numpy.layers.attention; this computes the same function
+(tests/test_long_context.py) without ever holding the [H, T, S] score matrix:
+
+- GQA-aware: the r = H/G query heads of one kv group are stacked into one matrix of
+  (token, head) rows [Tq * r, Dh], so each key and value row is read once per group and the
+  inner products are matrix products (BLAS sgemm), not one dot product per (head, key);
+- tiled: (group, query block) x key block tiles of at most TILE_SCORES scores; keys that no
+  query of a block may see (the causal future, left padding) are never visited;
+- online softmax: each query row keeps its running maximum, running sum and unnormalised output;
+  a new key block rescales them by exp(old max - new max) (flash attention's recurrence), so the
+  result equals the softmax over all keys at once;
+- the exponentials run in a numba kernel with a polynomial exp (below) that LLVM vectorises
+  (numba has no vector exp without Intel's SVML);
+- a 16-bit cache is widened to float32 one key block at a time (into a buffer that stays in
+  cache), never as a whole.
+
+Parallel over (group, query block): each such job runs on a Python thread (numba's thread count
+of them; numpy and the numba kernels release the GIL) with OpenBLAS set to one thread for the
+duration. Letting OpenBLAS split each tile's sgemm between the cores instead, with the softmax
+in between on numba's pool, made the cores wait on each other at every hand-off: 5 GFLOP/s
+instead of 50-66 for a 512-token chunk at an 8K context on the (loaded) 2-core VM.
+
+A small problem (a decoded token over a short cache) is not worth the tiles' Python overhead:
+``direct_attention`` does it in one numba call on the calling thread, one (head, query) pair at
+a time.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import ctypes
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
 from glm_numpy.kernels.matvec import FASTMATH
 
-# Up to this many multiply-adds (T * H * S * Dh) one thread is faster than handing work to the
-# pool: measured at 6B decode shapes (T=1, H=32, Dh=128) with the workers asleep between jobs
-# (OMP_WAIT_POLICY=PASSIVE), serial vs parallel 10 vs 41 us at S=16, 34 vs 59 at S=64, 153 vs 126
-# at S=256.
-SERIAL_WORK = 1 << 19
+# Up to this many multiply-adds (T * H * S * Dh) the direct kernel, on one thread, beats the
+# tiles (a few numpy calls per group and a hand-off to the worker threads): 6B decode shapes
+# (T=1, H=32, Dh=128), direct vs tiled, ms: S=64 0.05 vs 0.09, S=256 0.22 vs 0.13, S=1024 1.6
+# vs 0.4 (best of 5, loaded VM).
+DIRECT_WORK = 1 << 19
+# Scores per tile ([Tq * r, Sk] float32): 512 x 1024 = 2 MiB, the size of one core's L2.
+TILE_SCORES = 1 << 19
+TILE_ROWS = 512  # query rows (token, head) per tile: enough for sgemm to run near its peak
+# Below this many query rows (a decoded token has r = 16) scores are computed as keys @ rows.T
+# and transposed: single-threaded OpenBLAS, [8192, 128] keys, 16 rows: 0.84 vs 1.28 ms.
+WIDE_ROWS = 128
+# Keys per tile at most (a decoded token's 16 rows would allow 32K): a 16-bit block widened to
+# float32, 2048 x 128 x 4 B = 1 MiB, stays in L2 between its widening and its sgemm.
+KEY_BLOCK = 2048
 
 
 def attention_context(
     q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray
 ) -> np.ndarray:
     """q [T, H, Dh], keys/values [S, G, Dh], allowed [T, S] bool -> context [T, H, Dh]."""
-    out = np.empty(q.shape, dtype=np.float32)
     T, H, Dh = q.shape
-    kernel = fused_attention if T * H * keys.shape[0] * Dh > SERIAL_WORK else fused_attention_serial
-    kernel(
-        np.ascontiguousarray(q, dtype=np.float32),
-        np.ascontiguousarray(keys, dtype=np.float32),
-        np.ascontiguousarray(values, dtype=np.float32),
-        np.ascontiguousarray(allowed, dtype=np.bool_),
-        out,
-    )
+    S = keys.shape[0]
+    allowed = np.ascontiguousarray(allowed, dtype=np.bool_)
+    if T * H * S * Dh <= DIRECT_WORK:
+        return direct_attention(q, widened(keys), widened(values), allowed)
+    return tiled_attention(q, keys, values, allowed)
+
+
+def widened(array: np.ndarray) -> np.ndarray:
+    """A float32 array of the same values (float16, bfloat16 bits as uint16, or float32)."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- tiles
+def tiled_attention(
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray
+) -> np.ndarray:
+    """attention_context by (group, query block) x key block tiles (module docstring)."""
+    T, H, Dh = q.shape
+    G = keys.shape[1]
+    r = H // G  # query heads per kv group
+    out = np.empty((T, G, r, Dh), dtype=np.float32)
+    # 1/sqrt(Dh) goes on the queries once instead of on every score.
+    q_scaled = q.reshape(T, G, r, Dh) * np.float32(1.0 / np.sqrt(Dh))  # [T, G, r, Dh]
+    first, last = allowed_span(allowed)  # [T] each: the first and last key each query may see
+    tokens_per_block = max(1, TILE_ROWS // r)
+    jobs = [
+        (g, t0, min(T, t0 + tokens_per_block))
+        for g in range(G)
+        for t0 in range(0, T, tokens_per_block)
+    ]
+
+    def attend_block(job: tuple[int, int, int]) -> None:
+        g, t0, t1 = job
+        span = int(first[t0:t1].min()), int(last[t0:t1].max()) + 1
+        rows = q_scaled[t0:t1, g].reshape(-1, Dh)  # [Tq * r, Dh]: (token, head) rows
+        context = attend_rows(rows, r, keys, values, g, allowed[t0:t1], span)  # [Tq * r, Dh]
+        out[t0:t1, g] = context.reshape(t1 - t0, r, Dh)
+
+    run_jobs(attend_block, jobs)
+    return out.reshape(T, H, Dh)
+
+
+def attend_rows(rows, r, keys, values, g, allowed, span) -> np.ndarray:
+    """rows [Tq * r, Dh] (scaled queries of group g; row i is token i // r) against keys and
+    values [S, G, Dh], allowed [Tq, S], keys span[0]:span[1] -> context [Tq * r, Dh]."""
+    Dh = rows.shape[1]
+    key_block = min(KEY_BLOCK, max(64, TILE_SCORES // len(rows)))
+    buffer = np.empty((2, min(key_block, span[1] - span[0]), Dh), dtype=np.float32)
+    top = np.full(len(rows), -np.inf, dtype=np.float32)  # [Tq * r] running maximum
+    total = np.zeros(len(rows), dtype=np.float32)  # [Tq * r] running sum of exp
+    acc = np.zeros((len(rows), Dh), dtype=np.float32)  # [Tq * r, Dh] unnormalised output
+    for s0 in range(span[0], span[1], key_block):
+        s1 = min(span[1], s0 + key_block)
+        k = key_block_f32(keys, g, s0, s1, buffer[0])  # [Sk, Dh]
+        v = key_block_f32(values, g, s0, s1, buffer[1])  # [Sk, Dh]
+        if len(rows) < WIDE_ROWS:  # OpenBLAS is faster at [Sk, Dh] @ [Dh, 16] than the reverse
+            scores = np.ascontiguousarray((k @ rows.T).T)  # [Tq * r, Sk]
+        else:
+            scores = rows @ k.T  # [Tq * r, Sk]
+        online_softmax_step(scores, allowed[:, s0:s1], r, top, total, acc)
+        acc += scores @ v  # scores now hold exp(score - top)
+    return acc / total[:, None]
+
+
+def run_jobs(work, jobs: list) -> None:
+    """work(job) for every job, on as many threads as numba may use, each calling BLAS on
+    one thread (so the cores never wait on each other inside a small sgemm); on the calling
+    thread alone if numpy's BLAS is not an OpenBLAS whose thread count can be set."""
+    workers = min(len(jobs), numba.get_num_threads())
+    blas = _openblas_threads()
+    if workers < 2 or blas is None:
+        for job in jobs:
+            work(job)
+        return
+    set_threads, get_threads = blas
+    with _ONE_BLAS_THREAD:  # the thread count is process-wide: one attention call at a time
+        before = get_threads()
+        set_threads(1)
+        try:
+            list(_pool(workers).map(work, jobs))
+        finally:
+            set_threads(before)
+
+
+_ONE_BLAS_THREAD = threading.Lock()
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="glm-attention")
+
+
+@functools.cache
+def _openblas_threads():
+    """(set_num_threads, get_num_threads) of the OpenBLAS numpy loaded, found by its path in
+    /proc/self/maps (Linux), or None."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "openblas" in line}
+    for path in sorted(p for p in paths if p.startswith("/")):
+        library = ctypes.CDLL(path)
+        for suffix in ("", "64_"):
+            for prefix in ("openblas", "scipy_openblas"):
+                setter = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter
+    return None
+
+
+def allowed_span(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """allowed [T, S] bool -> (first, last) [T] int: the span of keys each query may see (a
+    query that may see nothing gets the empty span first = S, last = -1... never used: every
+    query of the model sees at least itself)."""
+    S = allowed.shape[1]
+    seen = allowed.any(axis=1)  # [T]
+    first = np.where(seen, allowed.argmax(axis=1), S)
+    last = np.where(seen, S - 1 - allowed[:, ::-1].argmax(axis=1), -1)
+    return first, last
+
+
+def key_block_f32(cache: np.ndarray, g: int, s0: int, s1: int, buffer: np.ndarray) -> np.ndarray:
+    """cache [S, G, Dh] -> rows s0:s1 of group g as float32 [Sk, Dh]: a view of a float32 cache
+    (BLAS reads it with its row stride), a widened copy in buffer of a 16-bit one."""
+    if cache.dtype == np.float32:
+        return cache[s0:s1, g]
+    block = buffer[: s1 - s0]
+    if cache.dtype == np.float16:
+        widen_fp16_rows(cache.view(np.uint16), g, s0, block)
+    else:
+        widen_bf16_rows(cache, g, s0, block)
+    return block
+
+
+@njit(nogil=True, cache=True)
+def widen_fp16_rows(bits, g, s0, out):
+    """bits [S, G, Dh] fp16 bits -> out [n, Dh] float32 = rows s0:s0+n of group g."""
+    for s in range(out.shape[0]):
+        row = bits[s0 + s, g]
+        for d in range(out.shape[1]):
+            out[s, d] = fp16_bits_to_float32(row[d])
+
+
+@njit(nogil=True, cache=True)
+def widen_bf16_rows(bits, g, s0, out):
+    """bits [S, G, Dh] bfloat16 bits -> out [n, Dh] float32 = rows s0:s0+n of group g."""
+    for s in range(out.shape[0]):
+        row = bits[s0 + s, g]
+        for d in range(out.shape[1]):
+            out[s, d] = bf16_bits_to_float32(row[d])
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def online_softmax_step(scores, allowed, r, top, total, acc):
+    """One key block of the online softmax, in place.
+
+    scores [Tq * r, Sk] (already scaled; row i is token i // r) -> exp(score - new top), 0 where
+    not allowed [Tq, Sk]; top, total [Tq * r] and acc [Tq * r, Dh] rescaled to the new maximum.
+    The caller then adds scores @ values to acc.
+    """
+    lanes = np.empty(LANES, dtype=np.float32)
+    for i in range(scores.shape[0]):
+        row, mask = scores[i], allowed[i // r]
+        new_top = max(top[i], _masked_max(row, mask, lanes))
+        if new_top == -np.inf:  # nothing allowed yet: this block adds nothing
+            row[:] = 0.0
+            continue
+        block_total = np.float32(0.0)
+        for s in range(row.shape[0]):
+            p = exp_nonpositive(row[s] - new_top) if mask[s] else np.float32(0.0)
+            row[s] = p
+            block_total += p
+        rescale = exp_nonpositive(top[i] - new_top)  # 0 on the first block (top = -inf)
+        total[i] = total[i] * rescale + block_total
+        for d in range(acc.shape[1]):
+            acc[i, d] *= rescale
+        top[i] = new_top
+
+
+LANES = 16  # one AVX-512 register of float32
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _masked_max(row, mask, lanes):
+    """max of row [n] where mask [n] (-inf if nowhere), in LANES running maxima: LLVM does not
+    vectorise a single float max reduction (it would need no-NaN semantics); this it does, 2.4x
+    faster on a [512, 1024] tile."""
+    lanes[:] = -np.inf
+    whole = row.shape[0] // LANES * LANES
+    for s0 in range(0, whole, LANES):
+        for j in range(LANES):
+            lanes[j] = max(lanes[j], row[s0 + j] if mask[s0 + j] else np.float32(-np.inf))
+    top = np.float32(-np.inf)
+    for j in range(LANES):
+        top = max(top, lanes[j])
+    for s in range(whole, row.shape[0]):
+        top = max(top, row[s] if mask[s] else np.float32(-np.inf))
+    return top
+
+
+# ---------------------------------------------------------------------------- exp
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """int64 holding 32 bits -> the float32 with those bits (numba computes integers as int64)."""
+    if bits != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+    return types.float32(types.int64), codegen
+
+
+LOG2E = np.float32(1.4426950408889634)
+LN2_HIGH = np.float32(0.693145751953125)  # ln 2 in two parts (Cody and Waite): n * LN2_HIGH is
+LN2_LOW = np.float32(1.428606765330187e-06)  # exact for |n| < 2^8, so f below keeps its bits
+# 1/k! for the Taylor series of e^f, |f| <= ln(2)/2, to degree 7: error < 1e-8 relative.
+_C = tuple(np.float32(1.0 / np.prod(np.arange(1, k + 1))) for k in range(8))
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def exp_nonpositive(x):
+    """exp(x) for float32 x <= 0 (-inf -> 0; below -87, where float32 underflows, 0).
+
+    exp(x) = 2^n e^f with n = round(x / ln 2) and f = x - n ln 2; e^f by its series, 2^n put
+    into the exponent bits. Pure arithmetic and a bit cast, so LLVM vectorises loops that call
+    it (numba's np.exp is a scalar libm call without Intel's SVML)."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * LOG2E + np.float32(0.5))
+    f = (x - n * LN2_HIGH) - n * LN2_LOW
+    p = _C[7]
+    p = p * f + _C[6]
+    p = p * f + _C[5]
+    p = p * f + _C[4]
+    p = p * f + _C[3]
+    p = p * f + _C[2]
+    p = p * f + _C[1]
+    p = p * f + _C[0]
+    scale = _float32_from_bits((np.int64(n) + 127) << 23)  # 2^n: n + bias in the exponent bits
+    return p * scale if x > np.float32(-87.0) else np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------- direct
+def direct_attention(
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray
+) -> np.ndarray:
+    """attention_context for small problems: one numba call, float32 keys and values."""
+    out = np.empty(q.shape, dtype=np.float32)
+    fused_attention_serial(np.ascontiguousarray(q, dtype=np.float32), keys, values, allowed, out)
     return out
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def fused_attention(q, keys, values, allowed, out):
-    """Fill out [T, H, Dh] (see the module docstring); each (head, query) pair is one job."""
-    T, H = q.shape[0], q.shape[1]
-    for job in prange(H * T):
-        _attend_one(job // T, job % T, q, keys, values, allowed, out)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def fused_attention_serial(q, keys, values, allowed, out):
-    """fused_attention on the calling thread alone."""
+    """Fill out [T, H, Dh] (see direct_attention), one (head, query) pair after another."""
     T, H = q.shape[0], q.shape[1]
     for job in range(H * T):
         _attend_one(job // T, job % T, q, keys, values, allowed, out)
@@ -61,7 +335,7 @@ def fused_attention_serial(q, keys, values, allowed, out):
 @njit(inline="always", fastmath=FASTMATH)
 def _attend_one(h, t, q, keys, values, allowed, out):
     """out[t, h] = softmax over the allowed keys of q[t, h] · keys[:, g] / sqrt(Dh), applied to
-    values[:, g], with g = h // (H/G). Inlined by numba into both loops (see matvec.py)."""
+    values[:, g], with g = h // (H/G)."""
     H, Dh = q.shape[1], q.shape[2]
     S, G = keys.shape[0], keys.shape[1]
     g = h // (H // G)
