@@ -1,26 +1,34 @@
 """``project(x, w)`` = x @ W.T for a weight in any stored form, on the numba kernels.
 
 This is what ``glm_numpy.layers.linear`` runs; ``linear_reference`` there is the readable NumPy
-definition it is tested against. Two regimes:
+definition it is tested against. Three regimes:
 
-- decode (at most DECODE_ROWS rows of x): W is read once, straight from its stored form, by a
-  matvec kernel — the time is the time to stream W from memory;
-- prefill (more rows): W is widened to float32 BLOCK_ROWS rows at a time and multiplied by BLAS
-  sgemm, which is compute-bound and faster than any numba loop at this size.
+- decode (one row of x): W is read once, straight from its stored form, by a matvec kernel —
+  the time is the time to stream W from memory;
+- a few rows (a short prompt, a batch of decode steps; up to MULTIROW_ROWS for 16-bit weights,
+  any number for quantised ones): the multi-row kernels (glm_numpy.kernels.multirow) read each
+  weight row once for a tile of rows of x. Quantised weights take them at every length where
+  the CPU has AVX-512 VNNI, so prompt and decode share one function (x rounded to int8 alike);
+- prefill of 16-bit weights (more rows): W is widened to float32 BLOCK_ROWS rows at a time and
+  multiplied by BLAS sgemm, which is compute-bound and faster than any numba loop at this size.
 
 float32 weights go to numpy's matmul directly (BLAS is already at the bandwidth limit there).
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from glm_numpy.dtypes import BFLOAT16, to_float32
-from glm_numpy.kernels import matvec, widen
-from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2
+from glm_numpy.kernels import matvec, multirow, widen
+from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2, HAS_AVX512_VNNI
 from glm_numpy.quantize import QuantizedWeight
 
-DECODE_ROWS = 4  # up to this many rows the matvec kernels win over widening + sgemm
+DECODE_ROWS = 4  # float kernels for quantised weights: matvec up to this many rows, then sgemm
+# 16-bit weights: the multi-row kernel up to this many rows of x, widening + sgemm beyond.
+MULTIROW_ROWS = 48
 # Rows widened per sgemm block: 512 x 4096 x 4 B = 8 MiB, inside the 32 MiB L3. 128-256 rows
 # measured slower (each block hands the cores from numba's threads to OpenBLAS's and back), 1024
 # no faster at 512 tokens and sometimes much slower at 128.
@@ -47,7 +55,9 @@ def project(x: np.ndarray, w) -> np.ndarray:
         raise ValueError(
             f"linear: x has {x.shape[1]} features, the weight expects {stored.columns}"
         )
-    if x.shape[0] <= DECODE_ROWS:
+    if stored.multirow is not None and 1 < x.shape[0] <= stored.multirow_rows:
+        return stored.multirow(x)
+    if x.shape[0] <= stored.matvec_rows:
         out = np.empty((x.shape[0], rows), dtype=np.float32)  # [T, O]
         stored.matvec(x, out)
         return out
@@ -65,10 +75,15 @@ def project(x: np.ndarray, w) -> np.ndarray:
 class _Stored:
     """A weight as the kernels take it: read-only C-contiguous arrays, one kind of kernel each."""
 
-    def __init__(self, rows: int, columns: int, matvec, widen):
+    def __init__(
+        self, rows, columns, matvec, widen, multirow=None, multirow_rows=0, matvec_rows=None
+    ):
         self.rows, self.columns = rows, columns
         self.matvec = matvec  # (x [T, I], out [T, O]) -> None
         self.widen = widen  # (start, out [n, I]) -> None
+        self.multirow = multirow  # x [T, I] -> [T, O], for 1 < T <= multirow_rows
+        self.multirow_rows = multirow_rows
+        self.matvec_rows = DECODE_ROWS if matvec_rows is None else matvec_rows
 
 
 def _kernel_view(array: np.ndarray, dtype) -> np.ndarray:
@@ -99,10 +114,23 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
     else:
         mv = matvec.matvec_bf16_pairs if pairs else matvec.matvec_bf16
         wd = widen.widen_bf16
+    rows_kernel = multirow.rows_fp16 if w.dtype == np.float16 else multirow.rows_bf16
+
+    def rows16(x: np.ndarray) -> np.ndarray:
+        T = x.shape[0]
+        padded = np.zeros((multirow.padded_rows(T), x.shape[1]), dtype=np.float32)
+        padded[:T] = x
+        out = np.empty((len(padded), bits.shape[0]), dtype=np.float32)  # [T padded, O]
+        rows_kernel(padded, bits, out)
+        return out[:T]
+
     return _Stored(
         *bits.shape,
         matvec=lambda x, out: mv(x, bits, out),
         widen=lambda start, out: wd(bits, start, out),
+        multirow=rows16,
+        multirow_rows=MULTIROW_ROWS,
+        matvec_rows=1,
     )
 
 
@@ -126,6 +154,7 @@ def _quantized(w: QuantizedWeight) -> _Stored:
             columns,
             matvec=int8_matvec,
             widen=lambda start, out: widen.widen_int8(q, scale, start, out),
+            **_integer_regimes(integer_dots, lambda x: multirow.project_int8(x, q, scale)),
         )
     packed = _kernel_view(w.q, np.uint8)  # [O, I/2]
 
@@ -143,4 +172,16 @@ def _quantized(w: QuantizedWeight) -> _Stored:
         columns,
         matvec=int4_matvec,
         widen=lambda start, out: widen.widen_int4(packed, scale, start, out),
+        **_integer_regimes(integer_dots, lambda x: multirow.project_int4(x, packed, scale)),
     )
+
+
+def _integer_regimes(integer_dots: bool, multirow_kernel) -> dict:
+    """Where the weights take integer products, every number of rows rounds x to int8 as decode
+    does (one function for prompt and decode): the multi-row kernel with AVX-512 VNNI, else the
+    decode kernel over every row. Otherwise the float kernels: matvec, then widening + sgemm."""
+    if not integer_dots:
+        return {}
+    if HAS_AVX512_VNNI:
+        return {"multirow": multirow_kernel, "multirow_rows": sys.maxsize, "matvec_rows": 1}
+    return {"matvec_rows": sys.maxsize}

@@ -323,3 +323,173 @@ def dot_int8_blocks_avx512(typingctx, q, x, x_scale, w_scale, n_groups, group_bl
 
 dot_int4_blocks = dot_int4_blocks_avx512 if HAS_AVX512_VNNI else dot_int4_blocks_avx2
 dot_int8_blocks = dot_int8_blocks_avx512 if HAS_AVX512_VNNI else dot_int8_blocks_avx2
+
+
+# ------------------------------------------------------------------ tiles of tokens (prefill)
+# A prompt multiplies many activation rows by the same weight row. The tile kernels take
+# TILE_TOKENS rows of x at once: each weight pair is loaded (and its nibbles unpacked) once and
+# meets every token of the tile, so the weight work per token falls by TILE_TOKENS. Per token
+# they compute exactly what dot_int4_blocks / dot_int8_blocks (AVX-512) compute, in the same
+# order, so a prompt read at once and one read token by token give bit-identical projections.
+TILE_TOKENS = 4
+
+
+def _counted_loop_values(builder: ir.IRBuilder, count, name: str, body, initials: list) -> list:
+    """accs = initials; for i in range(count): accs = body(i, accs); -> accs (several values
+    carried through the loop, as _counted_loop carries one)."""
+    entry = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(_i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(_i64)
+    accs = [builder.phi(v.type) for v in initials]
+    new_accs = body(i, accs)
+    next_i = builder.add(i, ir.Constant(_i64, 1))
+    end_of_body = builder.block
+    i.add_incoming(ir.Constant(_i64, 0), entry)
+    i.add_incoming(next_i, end_of_body)
+    for acc, initial, new in zip(accs, initials, new_accs):
+        acc.add_incoming(initial, entry)
+        acc.add_incoming(new, end_of_body)
+    builder.cbranch(builder.icmp_signed("<", next_i, count), loop, done)
+    builder.position_at_end(done)
+    results = []
+    for initial, new in zip(initials, new_accs):
+        result = builder.phi(initial.type)
+        result.add_incoming(initial, entry)
+        result.add_incoming(new, end_of_body)
+        results.append(result)
+    return results
+
+
+def _tile_grouped_pairs(builder, n_groups, group_blocks, weights, x_scales, w_scale, pair_sums):
+    """_grouped_pairs for TILE_TOKENS tokens at once: x_scales holds each token's activation
+    scale address; pair_sums(load, offset) -> one <16 x i32> per token. -> a float32 per token."""
+    zero = ir.Constant(_wide_floats, None)
+    one, two = ir.Constant(_i64, 1), ir.Constant(_i64, 2)
+    initial = [zero] * len(x_scales)
+
+    def group(g, totals):
+        first = builder.mul(g, group_blocks)
+
+        def pair(k, accs):
+            b = builder.add(first, builder.mul(k, two))
+            offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
+            _prefetch_ahead(builder, weights, offset)
+            sums = pair_sums(_load_pair, offset)
+            return [
+                builder.fadd(
+                    acc,
+                    builder.fmul(
+                        builder.sitofp(ints, _wide_floats), _pair_scales(builder, x_scale, b)
+                    ),
+                )
+                for acc, ints, x_scale in zip(accs, sums, x_scales)
+            ]
+
+        def last_block(_, accs):
+            b = builder.add(first, builder.sub(group_blocks, one))
+            offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
+            sums = pair_sums(_load_padded_block, offset)
+            out = []
+            for acc, ints, x_scale in zip(accs, sums, x_scales):
+                scale = _load_scalar(builder, x_scale, b, ir.FloatType(), 4)
+                scaled = builder.fmul(
+                    builder.sitofp(ints, _wide_floats), _broadcast(builder, scale, 16)
+                )
+                out.append(builder.fadd(acc, scaled))
+            return out
+
+        pairs = _counted_loop_values(
+            builder, builder.sdiv(group_blocks, two), "pairs", pair, initial
+        )
+        odd = builder.srem(group_blocks, two)
+        group_sums = _counted_loop_values(builder, odd, "last", last_block, pairs)
+        scale = _group_scale(builder, w_scale, g, 16)
+        return [builder.fadd(t, builder.fmul(s, scale)) for t, s in zip(totals, group_sums)]
+
+    totals = _counted_loop_values(builder, n_groups, "groups", group, initial)
+    return [_lane_sum(builder, total, 16) for total in totals]
+
+
+def _token_addresses(builder, base, stride) -> list:
+    """base + j * stride for each token j of a tile."""
+    return [
+        builder.add(base, builder.mul(ir.Constant(_i64, j), stride)) for j in range(TILE_TOKENS)
+    ]
+
+
+def _store_results(builder, out, out_stride, results) -> None:
+    for address, value in zip(_token_addresses(builder, out, out_stride), results):
+        builder.store(value, builder.inttoptr(address, ir.FloatType().as_pointer()))
+
+
+_TILE_INT4_SIGNATURE = types.void(*[types.intp] * 11)
+_TILE_INT8_SIGNATURE = types.void(*[types.intp] * 10)
+
+
+# Addresses as dot_int4_blocks, for token 0 of the tile; token j's x_even/x_odd rows start
+# j * x_stride bytes further, its x_scale row j * scale_stride bytes, and its result is stored
+# at out + j * out_stride (float32).
+@intrinsic
+def dot_int4_tile(
+    typingctx, packed, x_even, x_odd, x_scale, w_scale, n_groups, blocks, x_stride, scale_stride,
+    out, out_stride,
+):  # fmt: skip
+    def codegen(context, builder, sig, args):
+        packed, x_even, x_odd, x_scale, w_scale, n_groups, group_blocks = args[:7]
+        x_stride, scale_stride, out, out_stride = args[7:]
+        evens = _token_addresses(builder, x_even, x_stride)
+        odds = _token_addresses(builder, x_odd, x_stride)
+
+        def pair_sums(load, offset):
+            nibbles = builder.xor(load(builder, packed, offset), _splat(_wide_bytes, 0x88))
+            high = builder.lshr(nibbles, _splat(_wide_bytes, 4))
+            low = builder.and_(nibbles, _splat(_wide_bytes, 15))
+            sums = []
+            for even, odd in zip(evens, odds):
+                acc = ir.Constant(_wide_ints, None)
+                acc = _vpdpbusd(builder, acc, high, load(builder, even, offset))
+                sums.append(_vpdpbusd(builder, acc, low, load(builder, odd, offset)))
+            return sums
+
+        x_scales = _token_addresses(builder, x_scale, scale_stride)
+        results = _tile_grouped_pairs(
+            builder, n_groups, group_blocks, packed, x_scales, w_scale, pair_sums
+        )
+        _store_results(builder, out, out_stride, results)
+        return context.get_dummy_value()
+
+    return _TILE_INT4_SIGNATURE, codegen
+
+
+# Addresses as dot_int8_blocks, tokens laid out as in dot_int4_tile.
+@intrinsic
+def dot_int8_tile(
+    typingctx, q, x, x_scale, w_scale, n_groups, blocks, x_stride, scale_stride, out, out_stride
+):
+    def codegen(context, builder, sig, args):
+        q, x, x_scale, w_scale, n_groups, group_blocks = args[:6]
+        x_stride, scale_stride, out, out_stride = args[6:]
+        xs = _token_addresses(builder, x, x_stride)
+
+        def pair_sums(load, offset):
+            weights = load(builder, q, offset)
+            negative = builder.icmp_signed("<", weights, ir.Constant(_wide_bytes, None))
+            magnitude = builder.select(negative, builder.neg(weights), weights)
+            sums = []
+            for row in xs:
+                activations = load(builder, row, offset)
+                signed_x = builder.select(negative, builder.neg(activations), activations)
+                sums.append(_vpdpbusd(builder, ir.Constant(_wide_ints, None), magnitude, signed_x))
+            return sums
+
+        x_scales = _token_addresses(builder, x_scale, scale_stride)
+        results = _tile_grouped_pairs(
+            builder, n_groups, group_blocks, q, x_scales, w_scale, pair_sums
+        )
+        _store_results(builder, out, out_stride, results)
+        return context.get_dummy_value()
+
+    return _TILE_INT8_SIGNATURE, codegen

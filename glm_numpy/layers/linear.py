@@ -22,6 +22,32 @@ def linear_reference(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.nda
     return y
 
 
+def round_activations(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, I] -> (x_q [T, I] int8 in -127..127, scale [T, I/block] float32), x ≈ x_q * scale
+    with one absmax scale per block of columns (as llama.cpp's q8 activations)."""
+    blocks = np.asarray(x, dtype=np.float32).reshape(x.shape[0], -1, block)  # [T, I/block, block]
+    scale = np.abs(blocks).max(axis=-1) / np.float32(127.0)  # [T, I/block]
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    inverse = np.where(scale > 0, np.float32(1.0) / safe, np.float32(0.0))[..., None]
+    x_q = np.rint(blocks * inverse).astype(np.int8)
+    return x_q.reshape(x.shape), scale
+
+
+def linear_integer_reference(x: np.ndarray, w: QuantizedWeight) -> np.ndarray:
+    """x [T, I], w quantised [O, I] -> [T, O]: what the integer kernels compute (weights with
+    float16 scales and whole 32-byte blocks per group; glm_numpy.kernels.intdot).
+
+    x is rounded to int8 first, one scale per 32 stored weight bytes (32 int8 or 64 int4
+    columns), the same for every number of rows, so a prompt and its decode steps agree; then
+    the rounded x times the quantised W.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    block = 32 * (2 if w.bits == 4 else 1)
+    x_q, scale = round_activations(x, block)
+    rounded = (x_q.reshape(x.shape[0], -1, block) * scale[..., None]).reshape(x.shape)
+    return rounded @ w.dequantize().T  # [T, O]
+
+
 def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     """x [..., I], w [O, I] -> x @ w.T + bias, [..., O] float32: ``linear_reference`` computed by
     the numba kernels (glm_numpy.kernels.dispatch, tested to agree with it).
