@@ -55,13 +55,13 @@ def _token_block(tokens, row_bytes):
 
 
 @njit(parallel=True, cache=True)
-def rows_int8(x_q, x_scale, q, scale_bits, out):
-    """x_q [T, I] int8 and x_scale [T, I/32] (quantize_rows), q [O, I] int8, scale_bits [O, N]
-    uint16 (fp16) -> out [T, O]; T a multiple of TILE_TOKENS."""
-    T, I = x_q.shape
+def rows_int8(x_u, x_scale, q, scale_bits, out):
+    """x_u [T, I] uint8 = x_q + 128 and x_scale [T, I/32] (quantize_rows), q [O, I] int8,
+    scale_bits [O, N] uint16 (fp16) -> out [T, O]; T a multiple of TILE_TOKENS."""
+    T, I = x_u.shape
     n_groups = scale_bits.shape[1]
     group_blocks = I // n_groups // BLOCK_BYTES
-    x_stride, scale_stride, out_stride = x_q.strides[0], x_scale.strides[0], out.strides[0]
+    x_stride, scale_stride, out_stride = x_u.strides[0], x_scale.strides[0], out.strides[0]
     block = _token_block(T, I)
     for first in range(0, T, block):
         for o in prange(q.shape[0]):
@@ -69,7 +69,7 @@ def rows_int8(x_q, x_scale, q, scale_bits, out):
             for t in range(first, min(first + block, T), TILE_TOKENS):
                 dot_int8_tile(
                     row,
-                    x_q[t].ctypes.data,
+                    x_u[t].ctypes.data,
                     x_scale[t].ctypes.data,
                     row_scales,
                     n_groups,
@@ -125,7 +125,7 @@ def project_int8(x, q, scale_bits):
     x_scale = np.empty((rows, I // BLOCK_BYTES), dtype=np.float32)
     quantize_rows(padded, BLOCK_BYTES, x_q, x_scale)
     out = np.empty((rows, q.shape[0]), dtype=np.float32)
-    rows_int8(x_q, x_scale, q, scale_bits, out)
+    rows_int8(x_q.view(np.uint8) ^ np.uint8(0x80), x_scale, q, scale_bits, out)  # x + 128
     return out[:T]
 
 
