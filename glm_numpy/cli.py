@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glm_numpy.checkpoint import CheckpointError
+from glm_numpy.compute import COMPUTE_MODES
 from glm_numpy.config import ChatGLM2Config, ConfigError
 from glm_numpy.generation import (
     ChatSession,
@@ -57,6 +58,14 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="model directory: config.json, checkpoint shards, tokenizer.model "
         "(default: the embedded default model)",
+    )
+    parser.add_argument(
+        "--compute",
+        choices=COMPUTE_MODES,
+        default="float32",
+        help="arithmetic of 16-bit weights: float32 (exact products, the default) or bf16 "
+        "(activations rounded to bfloat16, AVX512-BF16 dot products: faster prompts, "
+        "about 3 significant digits; see docs/numerics.md)",
     )
 
 
@@ -190,7 +199,7 @@ def run_generate(args: argparse.Namespace) -> int:
     text = build_prompt(args.prompt) if args.chat_template else args.prompt
     ids = tokenizer.encode(text)
     check_prompt_fits(ids, config)
-    model = ChatGLM2.from_pretrained(directory)
+    model = ChatGLM2.from_pretrained(directory, compute=args.compute)
 
     generation = GenerationConfig(**options, vocab_limit=tokenizer.vocab_size)
     stats = GenerationStats()
@@ -222,7 +231,9 @@ def run_chat(args: argparse.Namespace) -> int:
     config = ChatGLM2Config.from_json(directory / "config.json")
     options = sampling_options(args, config)
     tokenizer = open_tokenizer(directory, config)
-    session = ChatSession(ChatGLM2.from_pretrained(directory), tokenizer, **options)
+    session = ChatSession(
+        ChatGLM2.from_pretrained(directory, compute=args.compute), tokenizer, **options
+    )
     print(f"glm-numpy chat with {directory}. {CHAT_HELP} Ctrl-C stops a reply.")
     while True:
         try:
@@ -411,7 +422,9 @@ def run_perplexity(args: argparse.Namespace) -> int:
     ids = open_tokenizer(directory, config).encode(text)
     if len(ids) < 2:
         raise CliError(f"{args.file}: too short to score (fewer than 2 tokens)")
-    result = perplexity(ChatGLM2.from_pretrained(directory), ids, args.window, args.stride)
+    result = perplexity(
+        ChatGLM2.from_pretrained(directory, compute=args.compute), ids, args.window, args.stride
+    )
     print(
         f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats) over "
         f"{result.scored_tokens} tokens of {args.file}; window {result.window}, "

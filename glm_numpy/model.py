@@ -19,6 +19,7 @@ import numpy as np
 
 from glm_numpy import kernels
 from glm_numpy.cache import KVCache
+from glm_numpy.compute import check_compute, with_compute
 from glm_numpy.config import ChatGLM2Config
 from glm_numpy.kernels.attention import attention_context
 from glm_numpy.kernels.norm import fused_rms_norm
@@ -28,6 +29,7 @@ from glm_numpy.layers.swiglu import swiglu_act
 from glm_numpy.quantize import QuantizedWeight
 
 Trace = dict[str, np.ndarray]
+LINEAR = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # LayerWeights' matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +53,10 @@ class ChatGLM2:
         config: ChatGLM2Config,
         weights: Mapping[str, np.ndarray],
         reference_fp16_rotary: bool = False,
+        compute: str = "float32",
     ):
         self.config = config
+        self.compute = compute  # arithmetic of 16-bit weights (glm_numpy.compute)
         self.weights = weights
         self.reference_fp16_rotary = reference_fp16_rotary
         self.word_embeddings = weights["transformer.embedding.word_embeddings.weight"]  # [V, D]
@@ -60,6 +64,12 @@ class ChatGLM2:
         self.final_layernorm = weights["transformer.encoder.final_layernorm.weight"]  # [D]
         bits = config.quantization_bit
         self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
+        if check_compute(compute):  # bf16: 16-bit weights multiplied in bfloat16
+            self.layers = [
+                dataclasses.replace(w, **{f: with_compute(getattr(w, f), True) for f in LINEAR})
+                for w in self.layers
+            ]
+            self.output_layer = with_compute(self.output_layer, True)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **options) -> ChatGLM2:

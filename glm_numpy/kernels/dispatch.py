@@ -21,8 +21,9 @@ import sys
 
 import numpy as np
 
+from glm_numpy.compute import BF16Compute
 from glm_numpy.dtypes import BFLOAT16, to_float32
-from glm_numpy.kernels import matvec, multirow, widen
+from glm_numpy.kernels import bf16dot, matvec, multirow, widen
 from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2, HAS_AVX512_VNNI
 from glm_numpy.quantize import QuantizedWeight
 
@@ -42,6 +43,13 @@ def project(x: np.ndarray, w) -> np.ndarray:
     """x [T, I], w [O, I] (float32, float16, bfloat16 bits as uint16, or QuantizedWeight)
     -> x @ W.T [T, O] float32."""
     x = np.ascontiguousarray(x, dtype=np.float32)  # [T, I]
+    if isinstance(w, BF16Compute):
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(
+                f"linear: x has {x.shape[1]} features, the weight expects {w.shape[1]}"
+            )
+        fp16 = w.weight.dtype == np.float16
+        return bf16dot.project_bf16(x, _kernel_view(w.weight, np.uint16), fp16)
     if isinstance(w, QuantizedWeight):
         stored = _quantized(w)
     elif w.dtype == np.float32:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from glm_numpy import kernels
+from glm_numpy.compute import BF16Compute, round_to_bf16
 from glm_numpy.dtypes import to_float32
 from glm_numpy.quantize import QuantizedWeight
 
@@ -13,10 +14,17 @@ def linear_reference(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.nda
     """x [..., I], w [O, I] (torch's [out, in] layout) -> x @ w.T + bias, [..., O] float32.
 
     The definition: widen the whole weight to float32, then one matrix product. Readable, but
-    it writes a float32 copy of W (twice its 16-bit size) for every call.
+    it writes a float32 copy of W (twice its 16-bit size) for every call. A BF16Compute weight
+    multiplies bf16(x) by bf16(W).
     """
-    weight = w.dequantize() if isinstance(w, QuantizedWeight) else to_float32(w)  # [O, I]
-    y = np.asarray(x, dtype=np.float32) @ weight.T  # [..., O]
+    x = np.asarray(x, dtype=np.float32)
+    if isinstance(w, BF16Compute):
+        x, weight = round_to_bf16(x), round_to_bf16(to_float32(w.weight))  # [..., I], [O, I]
+    elif isinstance(w, QuantizedWeight):
+        weight = w.dequantize()  # [O, I]
+    else:
+        weight = to_float32(w)  # [O, I]
+    y = x @ weight.T  # [..., O]
     if bias is not None:
         y += to_float32(bias)
     return y
