@@ -47,6 +47,10 @@ FORMATS = {
 }
 TORCH_FORMAT = "bf16"
 PROMPTS = (16, 128, 512)
+CHAT_PROMPT = 128  # tokens of the chat prompt whose time to the first token is measured
+# OpenBLAS settings this machine kind sets by default (its AVX2 kernels); each glm_numpy run whose
+# prefill calls sgemm (16-bit weights, compute float32) is also run with them unset.
+OPENBLAS_DEFAULTS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 DECODE_STEPS = 12
 SEED = 0
 # The native runtimes on this machine kind (../shared/docs/performance-notes.md, not this run).
@@ -157,11 +161,11 @@ def linear_flops_per_token(config) -> int:
     return 2 * config.num_layers * per_layer
 
 
-def run_glm_numpy(directory: Path) -> dict:
+def run_glm_numpy(directory: Path, compute: str = "float32") -> dict:
     from glm_numpy.model import ChatGLM2
 
     start = time.perf_counter()
-    model = ChatGLM2.from_pretrained(directory)
+    model = ChatGLM2.from_pretrained(directory, compute=compute)
     ids = prompt_ids(model.config.padded_vocab_size)
     cache = model.new_cache()
     model.forward(ids[:16], cache=cache, last_only=True)
@@ -174,7 +178,19 @@ def run_glm_numpy(directory: Path) -> dict:
         step = time.perf_counter()
         model.forward(ids[:n], cache=model.new_cache(), last_only=True)
         prefill[n] = n / (time.perf_counter() - step)
-    return measurements(bandwidth, first_token, steps, prefill, model.weights, model.config)
+    result = measurements(bandwidth, first_token, steps, prefill, model.weights, model.config)
+    result["chat_first_token_s"] = chat_first_token(model)
+    return result
+
+
+def chat_first_token(model) -> float:
+    """Seconds from a CHAT_PROMPT-token prompt (a new chat: fresh cache) to its first token
+    chosen (greedy), the model loaded: what a user waits before the reply starts."""
+    ids = prompt_ids(model.config.padded_vocab_size)[-CHAT_PROMPT:]  # not a prefix seen before
+    start = time.perf_counter()
+    logits = model.forward(ids, cache=model.new_cache(), last_only=True)
+    int(np.argmax(logits[-1]))
+    return time.perf_counter() - start
 
 
 def run_torch(directory: Path) -> dict:
@@ -215,7 +231,12 @@ def run_torch(directory: Path) -> dict:
             step = time.perf_counter()
             model(ids[:, :n], use_cache=True, logits_to_keep=1)
             prefill[n] = n / (time.perf_counter() - step)
-    return measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
+        step = time.perf_counter()
+        int(model(ids[:, -CHAT_PROMPT:], use_cache=True, logits_to_keep=1).logits[0, -1].argmax())
+        chat_first = time.perf_counter() - step
+    result = measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
+    result["chat_first_token_s"] = chat_first
+    return result
 
 
 def timed_decode(decode_one) -> tuple[list[float], float]:
@@ -265,13 +286,32 @@ def bf16_state_dict(config, checkpoint) -> dict:
     return glm_state_dict(config, tensor)
 
 
-def run_in_subprocess(runner: str, directory: Path) -> dict:
-    """One format in a fresh process (its memory is returned to the system when it exits)."""
+def run_in_subprocess(runner: str, directory: Path, unset_openblas: bool = False) -> dict:
+    """One format in a fresh process (its memory is returned to the system when it exits),
+    optionally without the machine's OpenBLAS settings (OPENBLAS_DEFAULTS)."""
     command = [sys.executable, __file__, "--worker", runner, str(directory)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {k: v for k, v in os.environ.items() if not (unset_openblas and k in OPENBLAS_DEFAULTS)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+GLM_NUMPY_RUNNERS = {"glm_numpy": "float32", "glm_numpy-bf16": "bf16"}  # runner -> compute
+
+
+def glm_numpy_runs(formats: list[str]) -> list[tuple[str, str, str, bool]]:
+    """(name, runner, checkpoint folder, unset OpenBLAS settings) for each glm_numpy run: every
+    format as a user runs it; 16-bit formats (whose long prompts call sgemm) again with the
+    machine's OpenBLAS settings unset; bf16 again with compute="bf16"."""
+    runs = []
+    for f in formats:
+        runs.append((f"glm_numpy {f}", "glm_numpy", FORMATS[f], False))
+        if f in ("fp16", "bf16"):
+            runs.append((f"glm_numpy {f}, OpenBLAS settings unset", "glm_numpy", FORMATS[f], True))
+        if f == "bf16":
+            runs.append(("glm_numpy bf16, compute bf16", "glm_numpy-bf16", FORMATS[f], False))
+    return runs
 
 
 # ------------------------------------------------------------------ report
@@ -304,8 +344,9 @@ def markdown(report: dict) -> str:
         "",
         "| runtime / format | weights GB | GB/s now | decode tok/s | roofline tok/s "
         "| % of roofline | vs torch bf16 | prefill tok/s 16 / 128 / 512 "
-        "| prefill linear GFLOP/s 128 / 512 | open → 1st token s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill linear GFLOP/s 128 / 512 | open → 1st token s | peak RSS GB "
+        f"| {CHAT_PROMPT}-token chat → 1st token s | 1st decode step / median |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
         if "error" in r:
@@ -319,7 +360,9 @@ def markdown(report: dict) -> str:
             f"| {r['decode_tok_s']:.2f} | {roof:.2f} "
             f"| {100 * r['decode_tok_s'] / roof:.0f} % | {speedup:.2f}x "
             f"| {p['16']:.1f} / {p['128']:.1f} / {p['512']:.1f} | {g['128']:.0f} / {g['512']:.0f} "
-            f"| {r['open_to_first_token_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
+            f"| {r['open_to_first_token_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} "
+            f"| {r.get('chat_first_token_s', float('nan')):.2f} "
+            f"| {r['decode_step_ms'][0] / np.median(r['decode_step_ms']):.2f} |"
         )
     lines += [
         "",
@@ -426,12 +469,16 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=Path("/work/ckpt"))
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="run every format this many times")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         runner, directory = args.worker
-        result = (run_torch if runner == "torch" else run_glm_numpy)(Path(directory))
+        if runner == "torch":
+            result = run_torch(Path(directory))
+        else:
+            result = run_glm_numpy(Path(directory), compute=GLM_NUMPY_RUNNERS[runner])
         print(json.dumps(result))
         return
 
@@ -459,14 +506,16 @@ def main() -> None:
         "results": {},
     }
     print(json.dumps(report, indent=1), flush=True)
-    runs = [(f"glm_numpy {f}", "glm_numpy", FORMATS[f]) for f in args.formats.split(",")]
+    runs = glm_numpy_runs(args.formats.split(","))
     if not args.no_torch:
-        runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT]))
-    for name, runner, folder in runs:
-        result = run_in_subprocess(runner, args.checkpoints / folder)
-        result = json.loads(json.dumps(result))  # prompt lengths as string keys, as in the file
-        report["results"][name] = result
-        print(name, json.dumps(result), flush=True)
+        runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT], False))
+    for round_ in range(1, args.rounds + 1):
+        for name, runner, folder, unset_openblas in runs:
+            result = run_in_subprocess(runner, args.checkpoints / folder, unset_openblas)
+            result = json.loads(json.dumps(result))  # prompt lengths as string keys, as in the file
+            name = name if args.rounds == 1 else f"{name}, round {round_}"
+            report["results"][name] = result
+            print(name, json.dumps(result), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "performance.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "performance.md").write_text(markdown(report))
