@@ -21,6 +21,7 @@ docs/performance.png. Not a test: it needs the 12.5 GB checkpoints and ~20 minut
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ CHAT_PROMPT = 128  # tokens of the chat prompt whose time to the first token is 
 # prefill calls sgemm (16-bit weights, compute float32) is also run with them unset.
 OPENBLAS_DEFAULTS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 DECODE_STEPS = 12
+DECODE_PROBE_GIB = 1.0  # bandwidth probe around the decode steps
 SEED = 0
 # The native runtimes on this machine kind (../shared/docs/performance-notes.md, not this run).
 LLAMA_CPP_DECODE = {"16 bits": 3.7, "8 bits": 6.0, "4 bits": 11.8}
@@ -77,6 +79,15 @@ def cpu_description() -> str:
     return f"{model}, {vector}, {os.cpu_count()} cores"
 
 
+@functools.cache
+def probe_buffer(gib: float) -> np.ndarray:
+    """The bandwidth probe's array, allocated once per process. A worker allocates it before it
+    opens its checkpoint: allocated between a prefill and the decode steps, its GiB pushed
+    mapped weight pages out of the page cache, and the first decode step read them back from
+    disk (1.8-6.5 s, glm_numpy and torch alike; llama.cpp copies its weights and was spared)."""
+    return np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+
+
 def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
     """Read bandwidth in bytes/s: a numba prange sum over ``gib`` GiB of float32 (median)."""
     from numba import njit, prange
@@ -88,7 +99,7 @@ def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
             s += a[i]
         return s
 
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    a = probe_buffer(gib)
     total(a)
     times = []
     for _ in range(repeats):
@@ -244,13 +255,13 @@ def timed_decode(decode_one) -> tuple[list[float], float]:
     prompt, and the read bandwidth around them: the machine is shared and its bandwidth drifts
     by tens of percent within minutes, so it is measured just before and just after the steps
     (1 GiB, median of 5 each) and the roofline uses the mean."""
-    before = memory_bandwidth(gib=1.0, repeats=5)
+    before = memory_bandwidth(gib=DECODE_PROBE_GIB, repeats=5)
     steps = []
     for t in range(16, 16 + DECODE_STEPS):
         step = time.perf_counter()
         decode_one(t)
         steps.append(time.perf_counter() - step)
-    after = memory_bandwidth(gib=1.0, repeats=5)
+    after = memory_bandwidth(gib=DECODE_PROBE_GIB, repeats=5)
     return steps, (before + after) / 2
 
 
@@ -475,6 +486,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         runner, directory = args.worker
+        probe_buffer(DECODE_PROBE_GIB)
         if runner == "torch":
             result = run_torch(Path(directory))
         else:
