@@ -51,17 +51,6 @@ def test_16_bit_rows_match_the_reference(storage, data):
     close(dispatch.project(x, w16), linear_reference(x, w16))
 
 
-def test_16_bit_prompts_take_the_multirow_kernel_then_sgemm(monkeypatch):
-    """Both sides of MULTIROW_ROWS compute the same product."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((40, 96)).astype(np.float16)
-    x = rng.standard_normal((9, 96)).astype(np.float32)
-    monkeypatch.setattr(dispatch, "MULTIROW_ROWS", 8)
-    sgemm = dispatch.project(x, w)
-    monkeypatch.setattr(dispatch, "MULTIROW_ROWS", 9)
-    close(dispatch.project(x, w), sgemm)
-
-
 def test_round_activations_matches_the_decode_kernel():
     x = np.random.default_rng(3).standard_normal((3, 128)).astype(np.float32)
     x[1] = 0.0

@@ -9,10 +9,10 @@ bytes of x to load. bf16 weights are used as stored; fp16 weights are rounded to
 rows at a time (they lose 3 of their 11 significant bits). docs/numerics.md gives the error
 against float32, measured.
 
-The tile kernel (an LLVM loop written with llvmlite, like glm_numpy.kernels.intdot) multiplies
+The tile kernel (glm_numpy.kernels.tiles' loop, an LLVM loop written with llvmlite) multiplies
 ROWS weight rows by TOKENS rows of x: each step loads 4 + 4 vectors of 32 bf16 values and issues
-16 ``vdpbf16ps`` into 16 accumulators held in registers. Columns come in steps of 32, so I must
-be a multiple of 32 (the dispatcher falls back to float32 otherwise).
+16 ``vdpbf16ps`` into 16 accumulators held in registers. Ragged T, O and I (steps of 32
+columns) are padded with zeros.
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from numba.extending import intrinsic
 
 from glm_numpy.dtypes import float32_to_bfloat16
 from glm_numpy.kernels.bits import fp16_bits_to_float32
+from glm_numpy.kernels.tiles import ROWS, TOKENS, tile_loop, tile_rows
 
 HAS_AVX512_BF16 = "+avx512bf16" in set(llvm.get_host_cpu_features().flatten().split(","))
-ROWS = TOKENS = 4  # a tile: 4 weight rows x 4 rows of x, 16 accumulators
 STEP = 32  # bf16 values per 64-byte vector
-# Rows of x per block (kept in L2 while the weight rows stream past): 64 x 8 KiB at I = 4096.
-TOKEN_BLOCK_BYTES = 512 * 1024
 
-_i32, _i64 = ir.IntType(32), ir.IntType(64)
-_words = ir.VectorType(_i32, 16)  # 32 bf16 values as the instruction's integer view
+_words = ir.VectorType(ir.IntType(32), 16)  # 32 bf16 values as the instruction's integer view
 _floats = ir.VectorType(ir.FloatType(), 16)
 
 
@@ -47,6 +44,10 @@ class _BFloat(ir.Type):
 _bf16_pairs = ir.VectorType(_BFloat(), 32)
 
 
+def _load_words(builder: ir.IRBuilder, address) -> ir.Value:
+    return builder.load(builder.inttoptr(address, _words.as_pointer()), align=2)
+
+
 def _dpbf16ps(builder: ir.IRBuilder, acc, a, b) -> ir.Value:
     """acc [16 x float] + a[2i] * b[2i] + a[2i+1] * b[2i+1] in lane i (products exact)."""
     module = builder.module
@@ -54,69 +55,17 @@ def _dpbf16ps(builder: ir.IRBuilder, acc, a, b) -> ir.Value:
     function = module.globals.get(name) or ir.Function(
         module, ir.FunctionType(_floats, [_floats, _bf16_pairs, _bf16_pairs]), name
     )
-    return builder.call(
-        function, [acc, builder.bitcast(a, _bf16_pairs), builder.bitcast(b, _bf16_pairs)]
-    )
-
-
-def _lane_sum(builder: ir.IRBuilder, vector) -> ir.Value:
-    total = builder.extract_element(vector, ir.Constant(_i32, 0))
-    for lane in range(1, 16):
-        total = builder.fadd(total, builder.extract_element(vector, ir.Constant(_i32, lane)))
-    return total
+    pairs = [builder.bitcast(v, _bf16_pairs) for v in (a, b)]
+    return builder.call(function, [acc, *pairs])
 
 
 @intrinsic
 def dot_bf16_tile(typingctx, w, x, steps, w_stride, x_stride, out, out_stride):
-    """Addresses: w (ROWS rows of bf16 bits, w_stride bytes apart), x (TOKENS rows of bf16 bits,
-    x_stride bytes apart), out (float32; token t's results at out + t * out_stride, row r's at
-    + 4 r); steps = I / 32. Stores out[t, r] = Σ_i x[t, i] w[r, i]."""
+    """As tiles.dot_tile_bf16 (ROWS weight rows x TOKENS rows of x), but x is bf16 bits too and
+    each step takes 32 columns with one vdpbf16ps per tile entry; steps = I / 32."""
 
     def codegen(context, builder, sig, args):
-        w, x, steps, w_stride, x_stride, out, out_stride = args
-        rows = [builder.add(w, builder.mul(ir.Constant(_i64, r), w_stride)) for r in range(ROWS)]
-        xs = [builder.add(x, builder.mul(ir.Constant(_i64, t), x_stride)) for t in range(TOKENS)]
-        zero = ir.Constant(_floats, None)
-        entry = builder.block
-        loop = builder.append_basic_block("bf16.loop")
-        done = builder.append_basic_block("bf16.done")
-        builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(_i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(_i64)
-        accs = [builder.phi(_floats) for _ in range(ROWS * TOKENS)]
-        offset = builder.mul(k, ir.Constant(_i64, 2 * STEP))
-
-        def load(address):
-            pointer = builder.inttoptr(builder.add(address, offset), _words.as_pointer())
-            return builder.load(pointer, align=2)
-
-        weights = [load(row) for row in rows]
-        activations = [load(row) for row in xs]
-        new = [
-            _dpbf16ps(builder, accs[r * TOKENS + t], activations[t], weights[r])
-            for r in range(ROWS)
-            for t in range(TOKENS)
-        ]
-        next_k = builder.add(k, ir.Constant(_i64, 1))
-        k.add_incoming(ir.Constant(_i64, 0), entry)
-        k.add_incoming(next_k, loop)
-        for acc, value in zip(accs, new):
-            acc.add_incoming(zero, entry)
-            acc.add_incoming(value, loop)
-        builder.cbranch(builder.icmp_signed("<", next_k, steps), loop, done)
-        builder.position_at_end(done)
-        finals = [builder.phi(_floats) for _ in new]  # all phis first, as LLVM requires
-        for final, value in zip(finals, new):
-            final.add_incoming(zero, entry)
-            final.add_incoming(value, loop)
-        for r in range(ROWS):
-            for t in range(TOKENS):
-                address = builder.add(
-                    builder.add(out, builder.mul(ir.Constant(_i64, t), out_stride)),
-                    ir.Constant(_i64, 4 * r),
-                )
-                pointer = builder.inttoptr(address, ir.FloatType().as_pointer())
-                builder.store(_lane_sum(builder, finals[r * TOKENS + t]), pointer)
+        tile_loop(builder, args, 2 * STEP, 2 * STEP, _load_words, _load_words, _dpbf16ps)
         return context.get_dummy_value()
 
     return types.void(*[types.intp] * 7), codegen
@@ -124,22 +73,9 @@ def dot_bf16_tile(typingctx, w, x, steps, w_stride, x_stride, out, out_stride):
 
 @njit(parallel=True, cache=True)
 def rows_bf16_compute(x_bits, w_bits, out):
-    """x_bits [T, I] uint16 (bf16, T a multiple of TOKENS), w_bits [O, I] uint16 (bf16; O a
-    multiple of ROWS), out [T, O] float32 (rows may be strided) -> out = x @ W.T."""
-    T, I = x_bits.shape
-    O = w_bits.shape[0]
-    steps = I // STEP
-    w_stride, x_stride, out_stride = w_bits.strides[0], x_bits.strides[0], out.strides[0]
-    block = max(TOKENS, min(T, TOKEN_BLOCK_BYTES // (2 * I)) // TOKENS * TOKENS)
-    for first in range(0, T, block):
-        for quad in prange(O // ROWS):
-            o = quad * ROWS
-            w = w_bits[o].ctypes.data
-            for t in range(first, min(first + block, T), TOKENS):
-                dot_bf16_tile(
-                    w, x_bits[t].ctypes.data, steps, w_stride, x_stride, out[t, o:].ctypes.data,
-                    out_stride,
-                )  # fmt: skip
+    """x_bits [T, I] uint16 (bf16), w_bits [O, I] uint16 (bf16) -> out [T, O] = x @ W.T, summed
+    in float32; T and O whole tiles, I a multiple of STEP."""
+    tile_rows(x_bits, w_bits, out, dot_bf16_tile, STEP)
 
 
 @intrinsic

@@ -5,12 +5,16 @@ definition it is tested against. Three regimes:
 
 - decode (one row of x): W is read once, straight from its stored form, by a matvec kernel —
   the time is the time to stream W from memory;
-- a few rows (a short prompt, a batch of decode steps; up to MULTIROW_ROWS for 16-bit weights,
-  any number for quantised ones): the multi-row kernels (glm_numpy.kernels.multirow) read each
-  weight row once for a tile of rows of x. Quantised weights take them at every length where
-  the CPU has AVX-512 VNNI, so prompt and decode share one function (x rounded to int8 alike);
-- prefill of 16-bit weights (more rows): W is widened to float32 BLOCK_ROWS rows at a time and
-  multiplied by BLAS sgemm, which is compute-bound and faster than any numba loop at this size.
+- more rows (a prompt, a batch of decode steps): tiles of weight rows x rows of x held in
+  registers, each weight row read once per block of rows of x. 16-bit weights: float32-exact
+  products, 4 x 4 tiles of 512-bit FMAs (glm_numpy.kernels.tiles: faster than widening to
+  float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and independent of OpenBLAS's
+  kernel choice); with compute="bf16", vdpbf16ps (glm_numpy.kernels.bf16dot). Quantised
+  weights: integer tiles (glm_numpy.kernels.multirow) where the CPU has AVX-512 VNNI, x rounded
+  to int8 as in decode, so prompt and decode share one function;
+- quantised weights the integer kernels cannot take (float32 scales, groups of under 32
+  bytes): matvec up to DECODE_ROWS rows, then W widened to float32 BLOCK_ROWS rows at a time
+  and multiplied by BLAS sgemm.
 
 float32 weights go to numpy's matmul directly (BLAS is already at the bandwidth limit there).
 """
@@ -23,13 +27,11 @@ import numpy as np
 
 from glm_numpy.compute import BF16Compute
 from glm_numpy.dtypes import BFLOAT16, to_float32
-from glm_numpy.kernels import bf16dot, matvec, multirow, widen
+from glm_numpy.kernels import bf16dot, matvec, multirow, tiles, widen
 from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2, HAS_AVX512_VNNI
 from glm_numpy.quantize import QuantizedWeight
 
 DECODE_ROWS = 4  # float kernels for quantised weights: matvec up to this many rows, then sgemm
-# 16-bit weights: the multi-row kernel up to this many rows of x, widening + sgemm beyond.
-MULTIROW_ROWS = 48
 # Rows widened per sgemm block: 512 x 4096 x 4 B = 8 MiB, inside the 32 MiB L3. 128-256 rows
 # measured slower (each block hands the cores from numba's threads to OpenBLAS's and back), 1024
 # no faster at 512 tokens and sometimes much slower at 128.
@@ -88,7 +90,7 @@ class _Stored:
     ):
         self.rows, self.columns = rows, columns
         self.matvec = matvec  # (x [T, I], out [T, O]) -> None
-        self.widen = widen  # (start, out [n, I]) -> None
+        self.widen = widen  # (start, out [n, I]) -> None; None where multirow takes every T
         self.multirow = multirow  # x [T, I] -> [T, O], for 1 < T <= multirow_rows
         self.multirow_rows = multirow_rows
         self.matvec_rows = DECODE_ROWS if matvec_rows is None else matvec_rows
@@ -118,26 +120,15 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
     pairs = bits.shape[1] > PAIRS_FROM_COLUMNS
     if w.dtype == np.float16:
         mv = matvec.matvec_fp16_pairs if pairs else matvec.matvec_fp16
-        wd = widen.widen_fp16
     else:
         mv = matvec.matvec_bf16_pairs if pairs else matvec.matvec_bf16
-        wd = widen.widen_bf16
-    rows_kernel = multirow.rows_fp16 if w.dtype == np.float16 else multirow.rows_bf16
-
-    def rows16(x: np.ndarray) -> np.ndarray:
-        T = x.shape[0]
-        padded = np.zeros((multirow.padded_rows(T), x.shape[1]), dtype=np.float32)
-        padded[:T] = x
-        out = np.empty((len(padded), bits.shape[0]), dtype=np.float32)  # [T padded, O]
-        rows_kernel(padded, bits, out)
-        return out[:T]
-
+    fp16 = w.dtype == np.float16
     return _Stored(
         *bits.shape,
         matvec=lambda x, out: mv(x, bits, out),
-        widen=lambda start, out: wd(bits, start, out),
-        multirow=rows16,
-        multirow_rows=MULTIROW_ROWS,
+        widen=None,
+        multirow=lambda x: tiles.project16(x, bits, fp16),
+        multirow_rows=sys.maxsize,
         matvec_rows=1,
     )
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
+from glm_numpy.kernels.bits import fp16_bits_to_float32
 from glm_numpy.kernels.intdot import BLOCK_BYTES, TILE_TOKENS, dot_int4_tile, dot_int8_tile
-from glm_numpy.kernels.matvec import FASTMATH, quantize_activations, split_int4_activations
+from glm_numpy.kernels.matvec import quantize_activations, split_int4_activations
 
 # Activation bytes per token block: 256 KiB stays in a 1 MiB L2 beside the weight rows.
 TOKEN_BLOCK_BYTES = 256 * 1024
@@ -146,61 +146,3 @@ def project_int4(x, packed, scale_bits):
     out = np.empty((rows, packed.shape[0]), dtype=np.float32)
     rows_int4(x_even, x_odd, x_scale, offsets, packed, scale_bits, out)
     return out[:T]
-
-
-def _make_tile16(widen):
-    """The 16-bit tile dot product for one bit format (widen: uint16 -> float32)."""
-
-    @njit(inline="always", fastmath=FASTMATH)
-    def tile(w0, w1, x0, x1, x2, x3):
-        """w0, w1 [I] uint16 bits, x0..x3 [I] float32 -> the 8 dot products (w0 with x0..x3,
-        then w1): each weight is widened once and each x loaded once for two rows."""
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-        for i in range(w0.shape[0]):
-            v, u = widen(w0[i]), widen(w1[i])
-            a0 += v * x0[i]
-            a1 += v * x1[i]
-            a2 += v * x2[i]
-            a3 += v * x3[i]
-            b0 += u * x0[i]
-            b1 += u * x1[i]
-            b2 += u * x2[i]
-            b3 += u * x3[i]
-        return a0, a1, a2, a3, b0, b1, b2, b3
-
-    return tile
-
-
-_tile_fp16 = _make_tile16(fp16_bits_to_float32)
-_tile_bf16 = _make_tile16(bf16_bits_to_float32)
-
-
-@njit(inline="always")
-def _rows16(x, w, out, tile):
-    """x [T, I] float32 (T a multiple of 4), w [O, I] uint16 -> out [T, O] = x @ W.T:
-    float32-exact products, two weight rows x four rows of x per pass."""
-    T, I = x.shape
-    O = w.shape[0]
-    block = _token_block(T, 4 * I)
-    for first in range(0, T, block):
-        for pair in prange((O + 1) // 2):
-            o0 = 2 * pair
-            o1 = min(o0 + 1, O - 1)  # an odd last row is paired with itself
-            for t in range(first, min(first + block, T), 4):
-                a0, a1, a2, a3, b0, b1, b2, b3 = tile(
-                    w[o0], w[o1], x[t], x[t + 1], x[t + 2], x[t + 3]
-                )
-                out[t, o0], out[t + 1, o0], out[t + 2, o0], out[t + 3, o0] = a0, a1, a2, a3
-                out[t, o1], out[t + 1, o1], out[t + 2, o1], out[t + 3, o1] = b0, b1, b2, b3
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def rows_fp16(x, w, out):
-    """x [T, I] float32 (T a multiple of 4), w [O, I] uint16 fp16 bits -> out [T, O] = x @ W.T."""
-    _rows16(x, w, out, _tile_fp16)
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def rows_bf16(x, w, out):
-    """rows_fp16 for bf16 bits."""
-    _rows16(x, w, out, _tile_bf16)
