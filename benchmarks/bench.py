@@ -135,7 +135,7 @@ def sgemm_gflops(tokens: int, rows: int = 13696, columns: int = 4096, repeats: i
 
 
 def kernel_prefill_gflops(tokens: int, rows: int = 13696, columns: int = 4096) -> float:
-    """glm_numpy's linear over fp16 weights (4 x 4 register tiles) on the same shape."""
+    """glm_numpy's linear over fp16 weights (register tiles) on the same shape."""
     from glm_numpy.layers.linear import linear
 
     rng = np.random.default_rng(SEED)
@@ -349,7 +349,7 @@ def markdown(report: dict) -> str:
         f"- memory read bandwidth (numba prange sum, 2 GiB, median of 7): **{bw / 1e9:.1f} GB/s**",
         "- numpy fp32 sgemm, X [T, 4096] @ W.T [4096, 13696]: "
         + ", ".join(f"{sgemm[str(n)]:.0f} GFLOP/s at T={n}" for n in PROMPTS),
-        "- glm_numpy linear on fp16 weights, same shape (4 x 4 register tiles, float32-exact): "
+        "- glm_numpy linear on fp16 weights, same shape (register tiles, float32-exact): "
         + ", ".join(f"{report['kernel_prefill_gflops'][str(n)]:.0f}" for n in PROMPTS)
         + " GFLOP/s",
         f"- environment: {report['environment']}",
@@ -403,8 +403,8 @@ def markdown(report: dict) -> str:
         )
         + ", the weight scales applied per group, the weights prefetched "
         f"{PREFETCH_AHEAD // 1024} KiB ahead in software;",
-        "- prefill (and batched decode): 16-bit weights in tiles of 4 weight rows x 4 tokens, "
-        "16 FMA accumulators of 16 lanes (glm_numpy/kernels/tiles.py; with compute bf16, "
+        "- prefill (and batched decode): 16-bit weights in tiles of 4 weight rows x 6 tokens, "
+        "24 FMA accumulators of 16 lanes (glm_numpy/kernels/tiles.py; with compute bf16, "
         "`vdpbf16ps` on bf16-rounded activations); int8/int4 in tiles of 1 weight row x 4 "
         "tokens with the activations rounded to int8 as in decode and `vpdpbusd` "
         "(glm_numpy/kernels/multirow.py); no sgemm; attention over the cache and RMSNorm as "

@@ -10,8 +10,8 @@ rows at a time (they lose 3 of their 11 significant bits). docs/numerics.md give
 against float32, measured.
 
 The tile kernel (glm_numpy.kernels.tiles' loop, an LLVM loop written with llvmlite) multiplies
-ROWS weight rows by TOKENS rows of x: each step loads 4 + 4 vectors of 32 bf16 values and issues
-16 ``vdpbf16ps`` into 16 accumulators held in registers. Ragged T, O and I (steps of 32
+ROWS weight rows by TOKENS rows of x: each step loads 4 + 6 vectors of 32 bf16 values and issues
+24 ``vdpbf16ps`` into 24 accumulators held in registers. Ragged T, O and I (steps of 32
 columns) are padded with zeros.
 """
 

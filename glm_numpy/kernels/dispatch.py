@@ -7,7 +7,7 @@ definition it is tested against. Three regimes:
   the time is the time to stream W from memory;
 - more rows (a prompt, a batch of decode steps): tiles of weight rows x rows of x held in
   registers, each weight row read once per block of rows of x. 16-bit weights: float32-exact
-  products, 4 x 4 tiles of 512-bit FMAs (glm_numpy.kernels.tiles: faster than widening to
+  products, 4 x 6 tiles of 512-bit FMAs (glm_numpy.kernels.tiles: faster than widening to
   float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and independent of OpenBLAS's
   kernel choice); with compute="bf16", vdpbf16ps (glm_numpy.kernels.bf16dot). Quantised
   weights: integer tiles (glm_numpy.kernels.multirow) where the CPU has AVX-512 VNNI, x rounded
