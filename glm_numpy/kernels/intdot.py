@@ -38,8 +38,8 @@ software prefetch the int4 kernel read [13696, 4096] weights at ~15 GB/s instead
 Available only where the CPU has AVX2 (``HAS_AVX2``) and for float16 weight scales; elsewhere the
 float kernels run.
 
-Editing this file: numba's on-disk cache of the kernels in matvec.py is keyed on matvec.py alone,
-so touch matvec.py (or delete its __pycache__) or the old code keeps running.
+Editing this file: numba's on-disk cache of the kernels in matvec.py and multirow.py is keyed
+on those files alone, so touch them (or delete their __pycache__) or the old code keeps running.
 """
 
 from __future__ import annotations
