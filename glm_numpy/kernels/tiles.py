@@ -10,6 +10,9 @@ uses the full 512-bit registers. The lanes are added once per tile at the end.
 
 ``tile_loop`` builds the loop for any element type: glm_numpy.kernels.bf16dot uses it with
 ``vdpbf16ps`` for compute="bf16". Ragged T, O and I are padded with zeros by ``project16``.
+
+Editing this file: numba's on-disk cache of bf16dot's kernels is keyed on bf16dot.py alone, so
+touch it too (or delete its __pycache__), or its cached kernels keep the old tile shape.
 """
 
 from __future__ import annotations
