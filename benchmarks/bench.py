@@ -23,6 +23,7 @@ checkpoints and ~20 minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -50,7 +51,12 @@ FORMATS = {
 TORCH_FORMAT = "bf16"
 LLAMA_CPP_TYPES = ("f16", "q8_0", "q4_0")
 PROMPTS = (16, 128, 512)
+CHAT_PROMPT = 128  # tokens of the chat prompt whose time to the first token is measured
+# OpenBLAS settings this machine kind sets by default (its AVX2 kernels); each glm_numpy run whose
+# prefill calls sgemm (16-bit weights, compute float32) is also run with them unset.
+OPENBLAS_DEFAULTS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 DECODE_STEPS = 12
+DECODE_PROBE_GIB = 1.0  # bandwidth probe around the decode steps
 SEED = 0
 # The tokenizer written into the GGUF files (the random checkpoints have none): the real one
 # beside the repository when present, else the default model's (speed does not depend on it).
@@ -76,6 +82,15 @@ def cpu_description() -> str:
     return f"{model}, {vector}, {os.cpu_count()} cores"
 
 
+@functools.cache
+def probe_buffer(gib: float) -> np.ndarray:
+    """The bandwidth probe's array, allocated once per process. A worker allocates it before it
+    opens its checkpoint: allocated between a prefill and the decode steps, its GiB pushed
+    mapped weight pages out of the page cache, and the first decode step read them back from
+    disk (1.8-6.5 s, glm_numpy and torch alike; llama.cpp copies its weights and was spared)."""
+    return np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+
+
 def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
     """Read bandwidth in bytes/s: a numba prange sum over ``gib`` GiB of float32 (median)."""
     from numba import njit, prange
@@ -87,7 +102,7 @@ def memory_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
             s += a[i]
         return s
 
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    a = probe_buffer(gib)
     total(a)
     times = []
     for _ in range(repeats):
@@ -123,7 +138,7 @@ def sgemm_gflops(tokens: int, rows: int = 13696, columns: int = 4096, repeats: i
 
 
 def kernel_prefill_gflops(tokens: int, rows: int = 13696, columns: int = 4096) -> float:
-    """glm_numpy's linear over fp16 weights (block widening + sgemm) on the same shape."""
+    """glm_numpy's linear over fp16 weights (register tiles) on the same shape."""
     from glm_numpy.layers.linear import linear
 
     rng = np.random.default_rng(SEED)
@@ -160,11 +175,11 @@ def linear_flops_per_token(config) -> int:
     return 2 * config.num_layers * per_layer
 
 
-def run_glm_numpy(directory: Path) -> dict:
+def run_glm_numpy(directory: Path, compute: str = "float32") -> dict:
     from glm_numpy.model import ChatGLM2
 
     start = time.perf_counter()
-    model = ChatGLM2.from_pretrained(directory)
+    model = ChatGLM2.from_pretrained(directory, compute=compute)
     ids = prompt_ids(model.config.padded_vocab_size)
     cache = model.new_cache()
     model.forward(ids[:16], cache=cache, last_only=True)
@@ -177,7 +192,19 @@ def run_glm_numpy(directory: Path) -> dict:
         step = time.perf_counter()
         model.forward(ids[:n], cache=model.new_cache(), last_only=True)
         prefill[n] = n / (time.perf_counter() - step)
-    return measurements(bandwidth, first_token, steps, prefill, model.weights, model.config)
+    result = measurements(bandwidth, first_token, steps, prefill, model.weights, model.config)
+    result["chat_first_token_s"] = chat_first_token(model)
+    return result
+
+
+def chat_first_token(model) -> float:
+    """Seconds from a CHAT_PROMPT-token prompt (a new chat: fresh cache) to its first token
+    chosen (greedy), the model loaded: what a user waits before the reply starts."""
+    ids = prompt_ids(model.config.padded_vocab_size)[-CHAT_PROMPT:]  # not a prefix seen before
+    start = time.perf_counter()
+    logits = model.forward(ids, cache=model.new_cache(), last_only=True)
+    int(np.argmax(logits[-1]))
+    return time.perf_counter() - start
 
 
 def run_torch(directory: Path) -> dict:
@@ -218,7 +245,12 @@ def run_torch(directory: Path) -> dict:
             step = time.perf_counter()
             model(ids[:, :n], use_cache=True, logits_to_keep=1)
             prefill[n] = n / (time.perf_counter() - step)
-    return measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
+        step = time.perf_counter()
+        int(model(ids[:, -CHAT_PROMPT:], use_cache=True, logits_to_keep=1).logits[0, -1].argmax())
+        chat_first = time.perf_counter() - step
+    result = measurements(bandwidth, first_token, steps, prefill, checkpoint, config)
+    result["chat_first_token_s"] = chat_first
+    return result
 
 
 def run_llamacpp(path: Path) -> dict:
@@ -232,13 +264,13 @@ def timed_decode(decode_one) -> tuple[list[float], float]:
     prompt, and the read bandwidth around them: the machine is shared and its bandwidth drifts
     by tens of percent within minutes, so it is measured just before and just after the steps
     (1 GiB, median of 5 each) and the roofline uses the mean."""
-    before = memory_bandwidth(gib=1.0, repeats=5)
+    before = memory_bandwidth(gib=DECODE_PROBE_GIB, repeats=5)
     steps = []
     for t in range(16, 16 + DECODE_STEPS):
         step = time.perf_counter()
         decode_one(t)
         steps.append(time.perf_counter() - step)
-    after = memory_bandwidth(gib=1.0, repeats=5)
+    after = memory_bandwidth(gib=DECODE_PROBE_GIB, repeats=5)
     return steps, (before + after) / 2
 
 
@@ -274,13 +306,33 @@ def bf16_state_dict(config, checkpoint) -> dict:
     return glm_state_dict(config, tensor)
 
 
-def run_in_subprocess(runner: str, directory: Path) -> dict:
-    """One format in a fresh process (its memory is returned to the system when it exits)."""
+def run_in_subprocess(runner: str, directory: Path, unset_openblas: bool = False) -> dict:
+    """One format in a fresh process (its memory is returned to the system when it exits),
+    optionally without the machine's OpenBLAS settings (OPENBLAS_DEFAULTS)."""
     command = [sys.executable, __file__, "--worker", runner, str(directory)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {k: v for k, v in os.environ.items() if not (unset_openblas and k in OPENBLAS_DEFAULTS)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+GLM_NUMPY_RUNNERS = {"glm_numpy": "float32", "glm_numpy-bf16": "bf16"}  # runner -> compute
+
+
+def glm_numpy_runs(formats: list[str], openblas_unset: bool) -> list[tuple[str, str, str, bool]]:
+    """(name, runner, checkpoint folder, unset OpenBLAS settings) for each glm_numpy run: every
+    format as a user runs it; bf16 again with compute="bf16"; with openblas_unset, 16-bit formats
+    again with the machine's OpenBLAS settings unset (glm_numpy's own kernels do not call
+    sgemm for them any more: a check that the settings no longer matter)."""
+    runs = []
+    for f in formats:
+        runs.append((f"glm_numpy {f}", "glm_numpy", FORMATS[f], False))
+        if openblas_unset and f in ("fp16", "bf16"):
+            runs.append((f"glm_numpy {f}, OpenBLAS settings unset", "glm_numpy", FORMATS[f], True))
+        if f == "bf16":
+            runs.append(("glm_numpy bf16, compute bf16", "glm_numpy-bf16", FORMATS[f], False))
+    return runs
 
 
 # ------------------------------------------------------------------ report
@@ -306,15 +358,16 @@ def markdown(report: dict) -> str:
         f"- memory read bandwidth (numba prange sum, 2 GiB, median of 7): **{bw / 1e9:.1f} GB/s**",
         "- numpy fp32 sgemm, X [T, 4096] @ W.T [4096, 13696]: "
         + ", ".join(f"{sgemm[str(n)]:.0f} GFLOP/s at T={n}" for n in PROMPTS),
-        "- glm_numpy linear on fp16 weights, same shape (widen blocks of rows + sgemm): "
+        "- glm_numpy linear on fp16 weights, same shape (register tiles, float32-exact): "
         + ", ".join(f"{report['kernel_prefill_gflops'][str(n)]:.0f}" for n in PROMPTS)
         + " GFLOP/s",
         f"- environment: {report['environment']}",
         "",
         "| runtime / format | weights GB | GB/s now | decode tok/s | roofline tok/s "
         "| % of roofline | vs torch bf16 | prefill tok/s 16 / 128 / 512 "
-        "| prefill linear GFLOP/s 128 / 512 | open → 1st token s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill linear GFLOP/s 128 / 512 | open → 1st token s | peak RSS GB "
+        f"| {CHAT_PROMPT}-token chat → 1st token s | 1st decode step / median |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
         if "error" in r:
@@ -328,7 +381,9 @@ def markdown(report: dict) -> str:
             f"| {r['decode_tok_s']:.2f} | {roof:.2f} "
             f"| {100 * r['decode_tok_s'] / roof:.0f} % | {speedup:.2f}x "
             f"| {p['16']:.1f} / {p['128']:.1f} / {p['512']:.1f} | {g['128']:.0f} / {g['512']:.0f} "
-            f"| {r['open_to_first_token_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
+            f"| {r['open_to_first_token_s']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} "
+            f"| {r.get('chat_first_token_s', float('nan')):.2f} "
+            f"| {r['decode_step_ms'][0] / np.median(r['decode_step_ms']):.2f} |"
         )
     lines += [
         "",
@@ -357,9 +412,12 @@ def markdown(report: dict) -> str:
         )
         + ", the weight scales applied per group, the weights prefetched "
         f"{PREFETCH_AHEAD // 1024} KiB ahead in software;",
-        "- prefill: weights widened to float32 512 rows at a time, each block multiplied by "
-        "numpy's sgemm (OpenBLAS); attention over the cache and RMSNorm as fused numba kernels "
-        "(attention on one thread while the cache is short);",
+        "- prefill (and batched decode): 16-bit weights in tiles of 4 weight rows x 6 tokens, "
+        "24 FMA accumulators of 16 lanes (glm_numpy/kernels/tiles.py; with compute bf16, "
+        "`vdpbf16ps` on bf16-rounded activations); int8/int4 in tiles of 1 weight row x 4 "
+        "tokens with the activations rounded to int8 as in decode and `vpdpbusd` "
+        "(glm_numpy/kernels/multirow.py); no sgemm; attention over the cache and RMSNorm as "
+        "fused numba kernels (attention on one thread while the cache is short);",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
         "",
         "## glm_numpy / llama.cpp at the same width, this run",
@@ -460,13 +518,24 @@ def main() -> None:
     parser.add_argument(
         "--tokenizer", type=Path, help="tokenizer.model for the GGUF files (default: the real one)"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="run every format this many times")
+    parser.add_argument(
+        "--openblas-unset",
+        action="store_true",
+        help="also run the 16-bit formats with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         runner, directory = args.worker
-        runners = {"torch": run_torch, "llamacpp": run_llamacpp, "glm_numpy": run_glm_numpy}
-        result = runners[runner](Path(directory))
+        probe_buffer(DECODE_PROBE_GIB)
+        if runner == "torch":
+            result = run_torch(Path(directory))
+        elif runner == "llamacpp":
+            result = run_llamacpp(Path(directory))
+        else:
+            result = run_glm_numpy(Path(directory), compute=GLM_NUMPY_RUNNERS[runner])
         print(json.dumps(result))
         return
 
@@ -496,16 +565,18 @@ def main() -> None:
         "results": {},
     }
     print(json.dumps(report, indent=1), flush=True)
-    runs = [(f"glm_numpy {f}", "glm_numpy", FORMATS[f]) for f in args.formats.split(",")]
+    runs = glm_numpy_runs(args.formats.split(","), args.openblas_unset)
     if not args.no_llamacpp:
-        runs += [(f"llama.cpp {t}", "llamacpp", gguf_file(args, t)) for t in LLAMA_CPP_TYPES]
+        runs += [(f"llama.cpp {t}", "llamacpp", gguf_file(args, t), False) for t in LLAMA_CPP_TYPES]
     if not args.no_torch:
-        runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT]))
-    for name, runner, folder in runs:
-        result = run_in_subprocess(runner, args.checkpoints / folder)
-        result = json.loads(json.dumps(result))  # prompt lengths as string keys, as in the file
-        report["results"][name] = result
-        print(name, json.dumps(result), flush=True)
+        runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT], False))
+    for round_ in range(1, args.rounds + 1):
+        for name, runner, folder, unset_openblas in runs:
+            result = run_in_subprocess(runner, args.checkpoints / folder, unset_openblas)
+            result = json.loads(json.dumps(result))  # prompt lengths as string keys, as in the file
+            name = name if args.rounds == 1 else f"{name}, round {round_}"
+            report["results"][name] = result
+            print(name, json.dumps(result), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "performance.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "performance.md").write_text(markdown(report))

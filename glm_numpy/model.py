@@ -23,6 +23,7 @@ import numpy as np
 
 from glm_numpy import kernels
 from glm_numpy.cache import KVCache
+from glm_numpy.compute import check_compute, with_compute
 from glm_numpy.config import ChatGLM2Config
 from glm_numpy.hooks import Hook, apply_hooks, recorder, resolve_hooks
 from glm_numpy.kernels.attention import attention_context
@@ -36,6 +37,7 @@ Trace = dict[str, np.ndarray]
 # Tokens per prefill pass (ChatGLM2(prefill_chunk=...)): big enough for the projections' sgemm
 # to run at full speed, small enough that a 32K prompt's activations stay a few hundred MB.
 PREFILL_CHUNK = 512
+LINEAR = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # LayerWeights' matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +62,14 @@ class ChatGLM2:
         weights: Mapping[str, np.ndarray],
         reference_fp16_rotary: bool = False,
         prefill_chunk: int | None = PREFILL_CHUNK,
+        compute: str = "float32",
     ):
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or prefill_chunk < 1):
             raise ValueError(
                 f"prefill_chunk={prefill_chunk!r}: expected a token count >= 1 or None"
             )
         self.config = config
+        self.compute = compute  # arithmetic of 16-bit weights (glm_numpy.compute)
         self.weights = weights
         self.reference_fp16_rotary = reference_fp16_rotary
         self.prefill_chunk = prefill_chunk
@@ -74,6 +78,12 @@ class ChatGLM2:
         self.final_layernorm = weights["transformer.encoder.final_layernorm.weight"]  # [D]
         bits = config.quantization_bit
         self.output_layer = linear_weight(weights, "transformer.output_layer", bits)  # [V, D]
+        if check_compute(compute):  # bf16: 16-bit weights multiplied in bfloat16
+            self.layers = [
+                dataclasses.replace(w, **{f: with_compute(getattr(w, f), True) for f in LINEAR})
+                for w in self.layers
+            ]
+            self.output_layer = with_compute(self.output_layer, True)
 
     @classmethod
     def from_pretrained(

@@ -1,26 +1,37 @@
 """``project(x, w)`` = x @ W.T for a weight in any stored form, on the numba kernels.
 
 This is what ``glm_numpy.layers.linear`` runs; ``linear_reference`` there is the readable NumPy
-definition it is tested against. Two regimes:
+definition it is tested against. Three regimes:
 
-- decode (at most DECODE_ROWS rows of x): W is read once, straight from its stored form, by a
-  matvec kernel — the time is the time to stream W from memory;
-- prefill (more rows): W is widened to float32 BLOCK_ROWS rows at a time and multiplied by BLAS
-  sgemm, which is compute-bound and faster than any numba loop at this size.
+- decode (one row of x): W is read once, straight from its stored form, by a matvec kernel —
+  the time is the time to stream W from memory;
+- more rows (a prompt, a batch of decode steps): tiles of weight rows x rows of x held in
+  registers, each weight row read once per block of rows of x. 16-bit weights: float32-exact
+  products, 4 x 6 tiles of 512-bit FMAs (glm_numpy.kernels.tiles: faster than widening to
+  float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and independent of OpenBLAS's
+  kernel choice); with compute="bf16", vdpbf16ps (glm_numpy.kernels.bf16dot). Quantised
+  weights: integer tiles (glm_numpy.kernels.multirow) where the CPU has AVX-512 VNNI, x rounded
+  to int8 as in decode, so prompt and decode share one function;
+- quantised weights the integer kernels cannot take (float32 scales, groups of under 32
+  bytes): matvec up to DECODE_ROWS rows, then W widened to float32 BLOCK_ROWS rows at a time
+  and multiplied by BLAS sgemm.
 
 float32 weights go to numpy's matmul directly (BLAS is already at the bandwidth limit there).
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
+from glm_numpy.compute import BF16Compute
 from glm_numpy.dtypes import BFLOAT16, to_float32
-from glm_numpy.kernels import matvec, widen
-from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2
+from glm_numpy.kernels import bf16dot, matvec, multirow, tiles, widen
+from glm_numpy.kernels.intdot import BLOCK_BYTES, HAS_AVX2, HAS_AVX512_VNNI
 from glm_numpy.quantize import QuantizedWeight
 
-DECODE_ROWS = 4  # up to this many rows the matvec kernels win over widening + sgemm
+DECODE_ROWS = 4  # float kernels for quantised weights: matvec up to this many rows, then sgemm
 # Rows widened per sgemm block: 512 x 4096 x 4 B = 8 MiB, inside the 32 MiB L3. 128-256 rows
 # measured slower (each block hands the cores from numba's threads to OpenBLAS's and back), 1024
 # no faster at 512 tokens and sometimes much slower at 128.
@@ -34,6 +45,13 @@ def project(x: np.ndarray, w) -> np.ndarray:
     """x [T, I], w [O, I] (float32, float16, bfloat16 bits as uint16, or QuantizedWeight)
     -> x @ W.T [T, O] float32."""
     x = np.ascontiguousarray(x, dtype=np.float32)  # [T, I]
+    if isinstance(w, BF16Compute):
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(
+                f"linear: x has {x.shape[1]} features, the weight expects {w.shape[1]}"
+            )
+        fp16 = w.weight.dtype == np.float16
+        return bf16dot.project_bf16(x, _kernel_view(w.weight, np.uint16), fp16)
     if isinstance(w, QuantizedWeight):
         stored = _quantized(w)
     elif w.dtype == np.float32:
@@ -47,7 +65,9 @@ def project(x: np.ndarray, w) -> np.ndarray:
         raise ValueError(
             f"linear: x has {x.shape[1]} features, the weight expects {stored.columns}"
         )
-    if x.shape[0] <= DECODE_ROWS:
+    if stored.multirow is not None and 1 < x.shape[0] <= stored.multirow_rows:
+        return stored.multirow(x)
+    if x.shape[0] <= stored.matvec_rows:
         out = np.empty((x.shape[0], rows), dtype=np.float32)  # [T, O]
         stored.matvec(x, out)
         return out
@@ -65,10 +85,15 @@ def project(x: np.ndarray, w) -> np.ndarray:
 class _Stored:
     """A weight as the kernels take it: read-only C-contiguous arrays, one kind of kernel each."""
 
-    def __init__(self, rows: int, columns: int, matvec, widen):
+    def __init__(
+        self, rows, columns, matvec, widen, multirow=None, multirow_rows=0, matvec_rows=None
+    ):
         self.rows, self.columns = rows, columns
         self.matvec = matvec  # (x [T, I], out [T, O]) -> None
-        self.widen = widen  # (start, out [n, I]) -> None
+        self.widen = widen  # (start, out [n, I]) -> None; None where multirow takes every T
+        self.multirow = multirow  # x [T, I] -> [T, O], for 1 < T <= multirow_rows
+        self.multirow_rows = multirow_rows
+        self.matvec_rows = DECODE_ROWS if matvec_rows is None else matvec_rows
 
 
 def _kernel_view(array: np.ndarray, dtype) -> np.ndarray:
@@ -95,14 +120,16 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
     pairs = bits.shape[1] > PAIRS_FROM_COLUMNS
     if w.dtype == np.float16:
         mv = matvec.matvec_fp16_pairs if pairs else matvec.matvec_fp16
-        wd = widen.widen_fp16
     else:
         mv = matvec.matvec_bf16_pairs if pairs else matvec.matvec_bf16
-        wd = widen.widen_bf16
+    fp16 = w.dtype == np.float16
     return _Stored(
         *bits.shape,
         matvec=lambda x, out: mv(x, bits, out),
-        widen=lambda start, out: wd(bits, start, out),
+        widen=None,
+        multirow=lambda x: tiles.project16(x, bits, fp16),
+        multirow_rows=sys.maxsize,
+        matvec_rows=1,
     )
 
 
@@ -126,6 +153,7 @@ def _quantized(w: QuantizedWeight) -> _Stored:
             columns,
             matvec=int8_matvec,
             widen=lambda start, out: widen.widen_int8(q, scale, start, out),
+            **_integer_regimes(integer_dots, lambda x: multirow.project_int8(x, q, scale)),
         )
     packed = _kernel_view(w.q, np.uint8)  # [O, I/2]
 
@@ -143,4 +171,16 @@ def _quantized(w: QuantizedWeight) -> _Stored:
         columns,
         matvec=int4_matvec,
         widen=lambda start, out: widen.widen_int4(packed, scale, start, out),
+        **_integer_regimes(integer_dots, lambda x: multirow.project_int4(x, packed, scale)),
     )
+
+
+def _integer_regimes(integer_dots: bool, multirow_kernel) -> dict:
+    """Where the weights take integer products, every number of rows rounds x to int8 as decode
+    does (one function for prompt and decode): the multi-row kernel with AVX-512 VNNI, else the
+    decode kernel over every row. Otherwise the float kernels: matvec, then widening + sgemm."""
+    if not integer_dots:
+        return {}
+    if HAS_AVX512_VNNI:
+        return {"multirow": multirow_kernel, "multirow_rows": sys.maxsize, "matvec_rows": 1}
+    return {"matvec_rows": sys.maxsize}

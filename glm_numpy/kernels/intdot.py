@@ -38,8 +38,8 @@ software prefetch the int4 kernel read [13696, 4096] weights at ~15 GB/s instead
 Available only where the CPU has AVX2 (``HAS_AVX2``) and for float16 weight scales; elsewhere the
 float kernels run.
 
-Editing this file: numba's on-disk cache of the kernels in matvec.py is keyed on matvec.py alone,
-so touch matvec.py (or delete its __pycache__) or the old code keeps running.
+Editing this file: numba's on-disk cache of the kernels in matvec.py and multirow.py is keyed
+on those files alone, so touch them (or delete their __pycache__) or the old code keeps running.
 """
 
 from __future__ import annotations
@@ -103,6 +103,35 @@ def _counted_loop(builder: ir.IRBuilder, count, name: str, body, initial: ir.Val
     result.add_incoming(initial, entry)
     result.add_incoming(new_acc, end_of_body)
     return result
+
+
+def _counted_loop_values(builder: ir.IRBuilder, count, name: str, body, initials: list) -> list:
+    """accs = initials; for i in range(count): accs = body(i, accs); -> accs (several values
+    carried through the loop, as _counted_loop carries one)."""
+    entry = builder.block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(_i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(_i64)
+    accs = [builder.phi(v.type) for v in initials]
+    new_accs = body(i, accs)
+    next_i = builder.add(i, ir.Constant(_i64, 1))
+    end_of_body = builder.block
+    i.add_incoming(ir.Constant(_i64, 0), entry)
+    i.add_incoming(next_i, end_of_body)
+    for acc, initial, new in zip(accs, initials, new_accs):
+        acc.add_incoming(initial, entry)
+        acc.add_incoming(new, end_of_body)
+    builder.cbranch(builder.icmp_signed("<", next_i, count), loop, done)
+    builder.position_at_end(done)
+    results = []
+    for initial, new in zip(initials, new_accs):
+        result = builder.phi(initial.type)
+        result.add_incoming(initial, entry)
+        result.add_incoming(new, end_of_body)
+        results.append(result)
+    return results
 
 
 def _broadcast(builder: ir.IRBuilder, value: ir.Value, lanes: int = 8) -> ir.Value:
@@ -187,38 +216,78 @@ def _pair_scales(builder: ir.IRBuilder, x_scale, b) -> ir.Value:
     return builder.shuffle_vector(pair, pair, lanes)
 
 
+def _fma(builder: ir.IRBuilder, a, b, c) -> ir.Value:
+    """a * b + c in 16 lanes, rounded once (one instruction where two were)."""
+    fma = _declare(builder, "llvm.fma.v16f32", _wide_floats, [_wide_floats] * 3)
+    return builder.call(fma, [a, b, c])
+
+
 def _grouped_pairs(
-    builder, n_groups, group_blocks, weights, x_scale, w_scale, pair_sum
-) -> ir.Value:
+    builder, tokens, n_groups, group_blocks, weights, w_scale, pair_sums, pair_scale, block_scale
+) -> list:
     """AVX-512: _grouped_blocks two blocks per step, in 16 lanes (lanes 0-7 hold block b's
-    sums, 8-15 block b + 1's). pair_sum(load, offset) -> <16 x i32> reads its operands with
-    ``load``: _load_pair, or _load_padded_block for the last block of a group of odd length."""
+    sums, 8-15 block b + 1's), for one token or a tile of tokens sharing each weight load.
+
+    pair_sums(load, offset) -> one <16 x i32> per token, reading its operands with ``load``:
+    _load_pair, or _load_padded_block for the last block of a group of odd length;
+    pair_scale(j, b) -> token j's activation scales of blocks b, b + 1 (lanes 0-7, 8-15);
+    block_scale(j, b) -> token j's scale of block b alone. -> a float32 per token.
+    The decode and tile kernels build the same per-token arithmetic here, so they agree bit
+    for bit."""
     zero = ir.Constant(_wide_floats, None)
     one, two = ir.Constant(_i64, 1), ir.Constant(_i64, 2)
 
-    def group(g, total):
+    def group(g, totals):
         first = builder.mul(g, group_blocks)
 
-        def pair(k, acc):
+        def pair(k, accs):
             b = builder.add(first, builder.mul(k, two))
             offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
             _prefetch_ahead(builder, weights, offset)
-            ints = builder.sitofp(pair_sum(_load_pair, offset), _wide_floats)
-            return builder.fadd(acc, builder.fmul(ints, _pair_scales(builder, x_scale, b)))
+            sums = pair_sums(_load_pair, offset)
+            return [
+                _fma(builder, builder.sitofp(ints, _wide_floats), pair_scale(j, b), acc)
+                for j, (ints, acc) in enumerate(zip(sums, accs))
+            ]
 
-        def last_block(_, acc):
+        def last_block(_, accs):
             b = builder.add(first, builder.sub(group_blocks, one))
             offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
-            ints = builder.sitofp(pair_sum(_load_padded_block, offset), _wide_floats)
-            scale = _broadcast(builder, _load_scalar(builder, x_scale, b, ir.FloatType(), 4), 16)
-            return builder.fadd(acc, builder.fmul(ints, scale))
+            sums = pair_sums(_load_padded_block, offset)
+            return [
+                _fma(builder, builder.sitofp(ints, _wide_floats), block_scale(j, b), acc)
+                for j, (ints, acc) in enumerate(zip(sums, accs))
+            ]
 
-        pairs = _counted_loop(builder, builder.sdiv(group_blocks, two), "pairs", pair, zero)
+        pair_count = builder.sdiv(group_blocks, two)
+        pairs = _counted_loop_values(builder, pair_count, "pairs", pair, [zero] * len(totals))
         odd = builder.srem(group_blocks, two)  # 0 or 1 lone blocks
-        group_sum = _counted_loop(builder, odd, "last", last_block, pairs)
-        return builder.fadd(total, builder.fmul(group_sum, _group_scale(builder, w_scale, g, 16)))
+        group_sums = _counted_loop_values(builder, odd, "last", last_block, pairs)
+        scale = _group_scale(builder, w_scale, g, 16)
+        return [_fma(builder, s, scale, t) for s, t in zip(group_sums, totals)]
 
-    return _lane_sum(builder, _counted_loop(builder, n_groups, "groups", group, zero), 16)
+    totals = _counted_loop_values(builder, n_groups, "groups", group, [zero] * tokens)
+    return [_lane_sum(builder, total, 16) for total in totals]
+
+
+def _one_token_pairs(builder, n_groups, group_blocks, weights, x_scale, w_scale, pair_sum):
+    """_grouped_pairs for the decode kernels: one token, its scales x_scale [n] float32."""
+
+    def block_scale(_, b):
+        return _broadcast(builder, _load_scalar(builder, x_scale, b, ir.FloatType(), 4), 16)
+
+    (result,) = _grouped_pairs(
+        builder,
+        1,
+        n_groups,
+        group_blocks,
+        weights,
+        w_scale,
+        lambda load, offset: [pair_sum(load, offset)],
+        lambda _, b: _pair_scales(builder, x_scale, b),
+        block_scale,
+    )
+    return result
 
 
 def _vpdpbusd(builder: ir.IRBuilder, acc, unsigned_bytes, signed_bytes) -> ir.Value:
@@ -245,7 +314,7 @@ def _int4_codegen(wide: bool):
                 acc = _vpdpbusd(builder, acc, high, load(builder, x_even, offset))
                 return _vpdpbusd(builder, acc, low, load(builder, x_odd, offset))
 
-            return _grouped_pairs(
+            return _one_token_pairs(
                 builder, n_groups, group_blocks, packed, x_scale, w_scale, pair_sum
             )
         maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", _shorts, [_bytes, _bytes])
@@ -279,7 +348,7 @@ def _int8_codegen(wide: bool):
                 signed_x = builder.select(negative, builder.neg(activations), activations)
                 return _vpdpbusd(builder, ir.Constant(_wide_ints, None), magnitude, signed_x)
 
-            return _grouped_pairs(builder, n_groups, group_blocks, q, x_scale, w_scale, pair_sum)
+            return _one_token_pairs(builder, n_groups, group_blocks, q, x_scale, w_scale, pair_sum)
         maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", _shorts, [_bytes, _bytes])
         madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", _ints, [_shorts, _shorts])
         sign = _declare(builder, "llvm.x86.avx2.psign.b", _bytes, [_bytes, _bytes])
@@ -323,3 +392,113 @@ def dot_int8_blocks_avx512(typingctx, q, x, x_scale, w_scale, n_groups, group_bl
 
 dot_int4_blocks = dot_int4_blocks_avx512 if HAS_AVX512_VNNI else dot_int4_blocks_avx2
 dot_int8_blocks = dot_int8_blocks_avx512 if HAS_AVX512_VNNI else dot_int8_blocks_avx2
+
+
+# ------------------------------------------------------------------ tiles of tokens (prefill)
+# A prompt multiplies many activation rows by the same weight row. The tile kernels take
+# TILE_TOKENS rows of x at once: each weight pair is loaded (and its nibbles unpacked) once and
+# meets every token of the tile, so the weight work per token falls by TILE_TOKENS. Per token
+# they compute exactly what dot_int4_blocks / dot_int8_blocks (AVX-512) compute, in the same
+# order, so a prompt read at once and one read token by token give bit-identical projections.
+TILE_TOKENS = 4
+
+
+def _tile_pairs(builder, n_groups, group_blocks, weights, x_scale, scale_stride, w_scale, sums):
+    """_grouped_pairs for TILE_TOKENS tokens; token j's scales start at x_scale + j *
+    scale_stride."""
+    rows = _token_addresses(builder, x_scale, scale_stride)
+
+    def block_scale(j, b):
+        return _broadcast(builder, _load_scalar(builder, rows[j], b, ir.FloatType(), 4), 16)
+
+    return _grouped_pairs(
+        builder,
+        TILE_TOKENS,
+        n_groups,
+        group_blocks,
+        weights,
+        w_scale,
+        sums,
+        lambda j, b: _pair_scales(builder, rows[j], b),
+        block_scale,
+    )
+
+
+def _token_addresses(builder, base, stride) -> list:
+    """base + j * stride for each token j of a tile."""
+    return [
+        builder.add(base, builder.mul(ir.Constant(_i64, j), stride)) for j in range(TILE_TOKENS)
+    ]
+
+
+def _store_results(builder, out, out_stride, results) -> None:
+    for address, value in zip(_token_addresses(builder, out, out_stride), results):
+        builder.store(value, builder.inttoptr(address, ir.FloatType().as_pointer()))
+
+
+_TILE_INT4_SIGNATURE = types.void(*[types.intp] * 11)
+_TILE_INT8_SIGNATURE = types.void(*[types.intp] * 10)
+
+
+# Addresses as dot_int4_blocks, for token 0 of the tile; token j's x_even/x_odd rows start
+# j * x_stride bytes further, its x_scale row j * scale_stride bytes, and its result is stored
+# at out + j * out_stride (float32).
+@intrinsic
+def dot_int4_tile(
+    typingctx, packed, x_even, x_odd, x_scale, w_scale, n_groups, blocks, x_stride, scale_stride,
+    out, out_stride,
+):  # fmt: skip
+    def codegen(context, builder, sig, args):
+        packed, x_even, x_odd, x_scale, w_scale, n_groups, group_blocks = args[:7]
+        x_stride, scale_stride, out, out_stride = args[7:]
+        evens = _token_addresses(builder, x_even, x_stride)
+        odds = _token_addresses(builder, x_odd, x_stride)
+
+        def pair_sums(load, offset):
+            nibbles = builder.xor(load(builder, packed, offset), _splat(_wide_bytes, 0x88))
+            high = builder.lshr(nibbles, _splat(_wide_bytes, 4))
+            low = builder.and_(nibbles, _splat(_wide_bytes, 15))
+            sums = []
+            for even, odd in zip(evens, odds):
+                acc = ir.Constant(_wide_ints, None)
+                acc = _vpdpbusd(builder, acc, high, load(builder, even, offset))
+                sums.append(_vpdpbusd(builder, acc, low, load(builder, odd, offset)))
+            return sums
+
+        results = _tile_pairs(
+            builder, n_groups, group_blocks, packed, x_scale, scale_stride, w_scale, pair_sums
+        )
+        _store_results(builder, out, out_stride, results)
+        return context.get_dummy_value()
+
+    return _TILE_INT4_SIGNATURE, codegen
+
+
+# Addresses as dot_int8_blocks, tokens laid out as in dot_int4_tile, but x holds x + 128 as
+# uint8 (x_q ^ 0x80): the sums are the same integers.
+@intrinsic
+def dot_int8_tile(
+    typingctx, q, x, x_scale, w_scale, n_groups, blocks, x_stride, scale_stride, out, out_stride
+):
+    def codegen(context, builder, sig, args):
+        q, x, x_scale, w_scale, n_groups, group_blocks = args[:6]
+        x_stride, scale_stride, out, out_stride = args[6:]
+        xs = _token_addresses(builder, x, x_stride)
+
+        def pair_sums(load, offset):
+            # Σ x q = Σ (x + 128) q - 128 Σ q: start each token's sums at -128 Σ q (once per
+            # weight pair), then one vpdpbusd per token with x + 128 as the unsigned operand.
+            weights = load(builder, q, offset)
+            sum_128q = _vpdpbusd(
+                builder, ir.Constant(_wide_ints, None), _splat(_wide_bytes, 128), weights
+            )
+            start = builder.neg(sum_128q)
+            return [_vpdpbusd(builder, start, load(builder, row, offset), weights) for row in xs]
+
+        results = _tile_pairs(
+            builder, n_groups, group_blocks, q, x_scale, scale_stride, w_scale, pair_sums
+        )
+        _store_results(builder, out, out_stride, results)
+        return context.get_dummy_value()
+
+    return _TILE_INT8_SIGNATURE, codegen

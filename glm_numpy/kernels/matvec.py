@@ -14,7 +14,8 @@ registers (never in memory) and splits the output rows between the threads with 
 With AVX2 (or AVX-512 VNNI), matvec_int8_blocks / matvec_int4_blocks quantise x to int8 as
 well and multiply integers (glm_numpy.kernels.intdot): 3-4x fewer instructions per weight,
 which is what lets 4-bit weights stream at memory speed. x's rounding (one scale per 32
-bytes, as llama.cpp's q8 activations) moves results by about 0.5 % of their size.
+bytes, as llama.cpp's q8 activations) moves results by about 0.5 % of their size. The
+multi-row kernels (glm_numpy.kernels.multirow) round x the same way and agree bit for bit.
 
 Per-row scales (the official scheme) are the case N = 1: one group spanning the whole row.
 The inner loops run over 1-D slices and widen integers through int32: written that way LLVM turns

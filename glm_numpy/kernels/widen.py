@@ -1,7 +1,8 @@
-"""Prefill kernels: widen a block of stored weight rows to float32, for a BLAS sgemm to consume.
+"""Prefill of quantised weights the integer kernels cannot take (float32 scales, groups of
+under 32 bytes, no AVX2): widen a block of stored weight rows to float32 for BLAS sgemm.
 
-With many tokens the product is compute-bound and BLAS's sgemm is the fastest multiplier at
-hand, but it needs float32 weights and a float32 copy of the model does not fit in memory. So
+With many tokens the product is compute-bound and sgemm needs float32 weights, but a float32
+copy of the model does not fit in memory. So
 ``project`` widens W a block of rows at a time into a reused float32 buffer (small enough to
 stay in cache) and multiplies each block as soon as it is ready.
 
@@ -20,23 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32, scale_to_float32
-
-
-@njit(parallel=True, cache=True)
-def widen_fp16(w, start, out):
-    """w [O, I] uint16 (fp16 bits) -> out [n, I] = W[start : start + n] as float32."""
-    for r in prange(out.shape[0]):
-        for i in range(out.shape[1]):
-            out[r, i] = fp16_bits_to_float32(w[start + r, i])
-
-
-@njit(parallel=True, cache=True)
-def widen_bf16(w, start, out):
-    """w [O, I] uint16 (bf16 bits) -> out [n, I] = W[start : start + n] as float32."""
-    for r in prange(out.shape[0]):
-        for i in range(out.shape[1]):
-            out[r, i] = bf16_bits_to_float32(w[start + r, i])
+from glm_numpy.kernels.bits import scale_to_float32
 
 
 @njit(parallel=True, cache=True)
