@@ -193,6 +193,7 @@ class Forced:
 
     def __init__(self, model, *rounds):
         self.model, self.rounds, self.fed = model, [list(r) for r in rounds], []
+        self.config = model.config  # generation keeps within its seq_length
 
     def new_cache(self):
         return self.model.new_cache()
