@@ -342,6 +342,21 @@ def roofline(bandwidth: float, result: dict) -> float:
     return result.get("bandwidth_bytes_s", bandwidth) / result["bytes_per_token"]
 
 
+# Sections of docs/performance.md that other benchmarks write (bench_serve.py and
+# bench_long_context.py):
+# they are kept as they are when this one rewrites the rest of the page.
+OTHER_SECTIONS = ("## Serving", "## Long context")
+
+
+def sections_of_other_benchmarks(page: str) -> str:
+    """The OTHER_SECTIONS of an earlier performance.md, each to the next '## ' heading."""
+    kept = []
+    for part in page.split("\n## ")[1:]:
+        if any(f"## {part}".startswith(heading) for heading in OTHER_SECTIONS):
+            kept.append(f"\n## {part.rstrip()}\n")
+    return "".join(kept)
+
+
 def markdown(report: dict) -> str:
     from glm_numpy.kernels.intdot import HAS_AVX512_VNNI, PREFETCH_AHEAD
 
@@ -579,7 +594,9 @@ def main() -> None:
             print(name, json.dumps(result), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "performance.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "performance.md").write_text(markdown(report))
+    page = args.out / "performance.md"
+    earlier = page.read_text() if page.exists() else ""
+    page.write_text(markdown(report) + sections_of_other_benchmarks(earlier))
     chart(report, args.out / "performance.png")
 
 
