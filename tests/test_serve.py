@@ -7,6 +7,7 @@ with the same settings, so the server is checked for exact agreement, not just f
 """
 
 import json
+import logging
 import shutil
 import signal
 import socket
@@ -663,3 +664,41 @@ def test_serve_command_refuses_bad_options():
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert result.returncode == 2 and message in result.stderr, result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_long_prompt_logs_its_prefill_progress(library, caplog):
+    from glm_numpy.serve.scheduler import LONG_PROMPT_TOKENS, Job, Scheduler
+
+    model, tokenizer = library
+    ids = tokenizer.encode("To be, or not to be, that is the question. " * 120)
+    ids = ids[: LONG_PROMPT_TOKENS + 100]
+    assert len(ids) == LONG_PROMPT_TOKENS + 100
+    scheduler = Scheduler(model, tokenizer, max_batch=1, prefill_chunk=256)
+    scheduler.start()
+    done = threading.Event()
+    try:
+        with caplog.at_level(logging.INFO, logger="glm_numpy.serve"):
+            on_event = lambda event: (event.finish_reason or event.error) and done.set()  # noqa: E731
+            scheduler.submit(Job(ids, greedy(tokenizer, 2), on_event))
+            assert done.wait(120)
+    finally:
+        scheduler.stop()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefill ")]
+    total = len(ids)
+    assert [line.split()[1] for line in lines] == [
+        f"{min(fed, total)}/{total}" for fed in range(256, total + 256, 256)
+    ]
+    assert all("tokens/s" in line and "s left" in line for line in lines)
+    with caplog.at_level(logging.INFO, logger="glm_numpy.serve"):
+        caplog.clear()
+        scheduler = Scheduler(model, tokenizer, max_batch=1)  # a short prompt logs nothing
+        scheduler.start()
+        finished = threading.Event()
+        try:
+            on_end = lambda event: (event.finish_reason or event.error) and finished.set()  # noqa: E731
+            scheduler.submit(Job(tokenizer.encode("Once"), greedy(tokenizer, 2), on_end))
+            assert finished.wait(60)
+        finally:
+            scheduler.stop()
+        short = [r for r in caplog.records if r.getMessage().startswith("prefill ")]
+    assert short == []

@@ -12,6 +12,7 @@ Needs the ``serve`` extra (starlette, uvicorn).
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import numpy as np
@@ -41,6 +42,7 @@ def serve(
         np.zeros((2, 1), dtype=np.int64), np.ones((2, 1)), [model.new_cache() for _ in range(2)]
     )
     app = create_app(model, tokenizer, model_id, **options)
+    show_info_logs()
     scheduler = app.state.scheduler
 
     class Server(uvicorn.Server):
@@ -62,6 +64,17 @@ def serve(
         Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def show_info_logs() -> None:
+    """The server's own log lines (a long prompt's prefill progress) on stderr, beside
+    uvicorn's, unless the application configured logging itself."""
+    log = logging.getLogger("glm_numpy.serve")
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 __all__ = ["create_app", "serve"]

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -35,6 +36,9 @@ from glm_numpy.serve.text import TextStream
 from glm_numpy.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger("glm_numpy.serve")
+# A prompt at least this long logs its prefill's progress after each chunk (tokens done / total,
+# tok/s, time left): the server's own view of what glm-numpy generate shows as a progress bar.
+LONG_PROMPT_TOKENS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Job:
         # progress, touched by the scheduler thread only
         self.cache: KVCache | None = None
         self.pending: list[int] = []  # prompt ids not fed yet
+        self.prefill_total, self.prefill_started = 0, 0.0  # ids to feed, when feeding began
         self.seen: list[int] = []  # prompt and output ids (repetition penalty)
         self.next_input = -1  # the id the next decode step feeds
         self.generated = 0
@@ -245,8 +250,12 @@ class Scheduler:
 
     def _prefill_chunk(self, jobs: list[Job]) -> None:
         job = jobs[0]
+        if not job.prefill_total:
+            job.prefill_total, job.prefill_started = len(job.pending), time.perf_counter()
         chunk, job.pending = job.pending[: self.prefill_chunk], job.pending[self.prefill_chunk :]
         logits = self.model.forward(np.asarray(chunk), job.cache, last_only=True)  # [1, V]
+        if job.prefill_total >= LONG_PROMPT_TOKENS:
+            log_prefill(job)
         if not job.pending:
             self._advance(job, logits[-1])
 
@@ -298,6 +307,16 @@ class Scheduler:
             rounds = (*job.chat.history, (job.chat.query, job.text.text))
             self.prompt_cache.put(rounds, job.cache)
         job.cache = None
+
+
+def log_prefill(job: Job) -> None:
+    """One log line on the progress of a long prompt's prefill."""
+    done = job.prefill_total - len(job.pending)
+    rate = done / max(time.perf_counter() - job.prefill_started, 1e-9)  # tokens/s
+    log.info(
+        "prefill %d/%d tokens, %.1f tokens/s, %.0f s left",
+        done, job.prefill_total, rate, len(job.pending) / rate,
+    )  # fmt: skip
 
 
 def token_info(logits: np.ndarray, token: int, top: int | None, vocab_limit: int | None):
