@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from glm_numpy.classroom.parts import PARTS
-from glm_numpy.exercises.lessons import lesson
+from glm_numpy.exercises.lessons import lesson, notebook_document
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,15 +156,7 @@ def assignment_notebook(assignment: Assignment) -> dict:
                     points=part.points,
                 )
             )
-    return {
-        "cells": cells,
-        "metadata": {
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-            "language_info": {"name": "python"},
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
+    return notebook_document(cells)
 
 
 def write_course(course_dir: str | Path, course_id: str = "glm-numpy") -> list[Path]:

@@ -204,3 +204,17 @@ def lesson(name: str) -> tuple[str, str, str, str]:
         if entry[0] == name:
             return entry
     raise KeyError(f"no lesson for exercise {name!r}")
+
+
+def notebook_document(cells: list[dict]) -> dict:
+    """cells -> a Jupyter notebook (nbformat 4.5), as the exercise notebooks and the classroom's
+    assignments are written."""
+    return {
+        "cells": cells,
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }

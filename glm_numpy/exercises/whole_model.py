@@ -22,6 +22,7 @@ import numpy as np
 
 from glm_numpy import generation
 from glm_numpy.dtypes import to_float32
+from glm_numpy.exercises.cases import BLOCK_WEIGHT_NAMES
 from glm_numpy.interpret import Divergence, first_divergence
 
 HOOKED_EXERCISES = (  # in the order their hooks run within a pass
@@ -34,15 +35,6 @@ HOOKED_EXERCISES = (  # in the order their hooks run within a pass
     "block",
     "lm_head",
     "top_p",
-)
-BLOCK_TENSORS = (
-    "input_layernorm.weight",
-    "self_attention.query_key_value.weight",
-    "self_attention.query_key_value.bias",
-    "self_attention.dense.weight",
-    "post_attention_layernorm.weight",
-    "mlp.dense_h_to_4h.weight",
-    "mlp.dense_4h_to_h.weight",
 )
 
 
@@ -162,7 +154,7 @@ class StudentRun:
         rows of the new tokens are kept."""
         c = self.config
         for i in range(c.num_layers):
-            weights = {name: self._layer(i, name) for name in BLOCK_TENSORS}
+            weights = {name: self._layer(i, name) for name in BLOCK_WEIGHT_NAMES}
 
             def remember(x, i=i):
                 earlier = self.block_inputs.get(i, x[:0])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glm_numpy.exercises.lessons import LESSONS
+from glm_numpy.exercises.lessons import LESSONS, notebook_document
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,15 +68,7 @@ def notebook(number: int, name: str, text: str, signature: str, body: str, solve
         _cell("code", checking, f"{name}-check"),
         _cell("code", STILL_TALKS.format(name=name), f"{name}-whole-model"),
     ]
-    return {
-        "cells": cells,
-        "metadata": {
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-            "language_info": {"name": "python"},
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
+    return notebook_document(cells)
 
 
 # A bug the checker has no name for, one per exercise: the solved notebook shows what the check
