@@ -10,7 +10,7 @@
 3. Greedy and sampled continuations of "To be, or not to be" and of a held-out poem title, for
    the model card.
 
-Usage: python training/evaluate_default_model.py --workdir /work/corpus
+Usage: python training/evaluate_default_model.py --workdir training/work
 writes the figures to <workdir>/evaluation.json as well as printing them.
 """
 
@@ -79,7 +79,7 @@ def respond(model, tokenizer, prompt_ids, **options) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/work/corpus"))
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work")
     parser.add_argument("--model", type=Path, default=default_model_path())
     args = parser.parse_args()
     torch.set_num_threads(2)

