@@ -306,10 +306,15 @@ def bf16_state_dict(config, checkpoint) -> dict:
     return glm_state_dict(config, tensor)
 
 
-def run_in_subprocess(runner: str, directory: Path, unset_openblas: bool = False) -> dict:
+def run_in_subprocess(
+    runner: str, directory: Path, unset_openblas: bool = False, lock: Path | None = None
+) -> dict:
     """One format in a fresh process (its memory is returned to the system when it exits),
-    optionally without the machine's OpenBLAS settings (OPENBLAS_DEFAULTS)."""
+    optionally without the machine's OpenBLAS settings (OPENBLAS_DEFAULTS), and with a lock
+    file under ``flock`` (so that other jobs on a shared machine can wait for it)."""
     command = [sys.executable, __file__, "--worker", runner, str(directory)]
+    if lock is not None:
+        command = ["flock", str(lock), *command]
     env = {k: v for k, v in os.environ.items() if not (unset_openblas and k in OPENBLAS_DEFAULTS)}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -540,6 +545,7 @@ def main() -> None:
         help="also run the 16-bit formats with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset",
     )
     parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--lock", type=Path, help="run each format under flock LOCK")
     parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -587,7 +593,7 @@ def main() -> None:
         runs.append((f"torch {TORCH_FORMAT}", "torch", FORMATS[TORCH_FORMAT], False))
     for round_ in range(1, args.rounds + 1):
         for name, runner, folder, unset_openblas in runs:
-            result = run_in_subprocess(runner, args.checkpoints / folder, unset_openblas)
+            result = run_in_subprocess(runner, args.checkpoints / folder, unset_openblas, args.lock)
             result = json.loads(json.dumps(result))  # prompt lengths as string keys, as in the file
             name = name if args.rounds == 1 else f"{name}, round {round_}"
             report["results"][name] = result
