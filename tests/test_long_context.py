@@ -78,9 +78,12 @@ def test_tiled_attention_matches_the_layers(T, cached, padding, padding_cached, 
         assert relative_difference(ours, attention(q, keys, values, allowed)) <= EXACT
 
 
-@pytest.mark.parametrize("T, cached", [(1, 4999), (1, 16), (300, 500), (777, 0)])
+@pytest.mark.parametrize(
+    "T, cached", [(1, 4999), (1, 16), (16, 2000), (40, 0), (300, 500), (777, 0)]
+)
 def test_attention_context_matches_the_layers(tiles, T, cached):
-    """Decode over a long cache, prefill chunks after a cache, a whole causal prompt."""
+    """Decode over a long cache (heads in lanes), a small prompt (the direct kernel), prefill
+    chunks after a cache, a whole causal prompt."""
     q, keys, values, allowed = attention_case(T + cached, T, cached, 3, 8, 2)
     ours = kernel.attention_context(q, keys, values, allowed)
     assert relative_difference(ours, attention(q, keys, values, allowed)) <= EXACT
@@ -95,6 +98,53 @@ def test_16_bit_keys_and_values_are_widened_exactly(tiles, dtype, T, cached):
     ours = kernel.attention_context(q, keys16, values16, allowed)
     reference = attention(q, to_float32(keys16), to_float32(values16), allowed)
     assert relative_difference(ours, reference) <= EXACT
+
+
+@given(
+    T=st.integers(1, 2),
+    cached=st.integers(0, 1500),
+    padding=st.integers(0, 40),
+    heads=st.sampled_from([(32, 2), (8, 2), (4, 1), (40, 2), (6, 3), (16, 16)]),
+    Dh=st.sampled_from([16, 20, 128]),
+    split=st.sampled_from([kernel.DECODE_SPLIT, 100]),
+    holes=st.booleans(),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_attention_matches_the_layers(
+    T, cached, padding, heads, Dh, split, holes, dtype, seed
+):
+    """Heads in lanes for any r = H/G (16-lane chunks, the last one padded), ragged key blocks
+    and splits (many of them with split=100), left padding and masks with holes, 16-bit caches
+    against their widened values."""
+    allowed, S = model_mask(cached, padding, T, padding_cached=True)
+    rng = np.random.default_rng(seed)
+    if holes:
+        allowed &= rng.random(S) < 0.7
+        allowed[np.arange(T), np.arange(S - T, S)] = True  # each query sees itself
+    H, G = heads
+    q = (3.0 * rng.standard_normal((T, H, Dh))).astype(np.float32)
+    keys, values = from_float32(rng.standard_normal((2, S, G, Dh)).astype(np.float32), dtype)
+    original = kernel.DECODE_SPLIT
+    kernel.DECODE_SPLIT = split
+    try:
+        ours = kernel.decode_attention(q, keys, values, allowed)
+    finally:
+        kernel.DECODE_SPLIT = original
+    reference = attention(q, to_float32(keys), to_float32(values), allowed)
+    assert relative_difference(ours, reference) <= EXACT
+
+
+def test_decode_attention_reads_the_caches_layout():
+    """The model's cache is [G, capacity, Dh] seen as a [S, G, Dh] view (rows of a group
+    contiguous, groups apart): the kernel follows the strides."""
+    rng = np.random.default_rng(5)
+    stored = rng.standard_normal((2, 2, 3000, 128)).astype(np.float32)  # K/V, G, capacity, Dh
+    keys, values = stored[0, :, :2500].swapaxes(0, 1), stored[1, :, :2500].swapaxes(0, 1)
+    q = rng.standard_normal((1, 32, 128)).astype(np.float32)
+    allowed = np.arange(2500)[None] >= 7
+    ours = kernel.attention_context(q, keys, values, allowed)
+    assert relative_difference(ours, attention(q, keys, values, allowed)) <= EXACT
 
 
 def test_large_scores_do_not_overflow():

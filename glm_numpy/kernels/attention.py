@@ -26,9 +26,34 @@ duration. Letting OpenBLAS split each tile's sgemm between the cores instead, wi
 in between on numba's pool, made the cores wait on each other at every hand-off: 5 GFLOP/s
 instead of 50-66 for a 512-token chunk at an 8K context on the (loaded) 2-core VM.
 
-A small problem (a decoded token over a short cache) is not worth the tiles' Python overhead:
-``direct_attention`` does it in one numba call on the calling thread, one (head, query) pair at
-a time.
+A decoded token (up to DECODE_TOKENS query tokens) goes to ``decode_attention``, heads in lanes:
+the r = H/G = 16 query heads of a kv group sit in the 16 float32 lanes of an AVX-512 register.
+
+- scores: key s gives the 16-lane vector sum_d q[d] * k[s, d], q[d] a vector of the heads' d-th
+  values and k[s, d] broadcast (an FMA's memory operand): no horizontal sums; 8 keys per step,
+  so each q[d] loaded serves 8 FMAs and 8 accumulators hide the FMA latency;
+- the online softmax is lane-wise (a running maximum and sum per head, exp_nonpositive);
+- output: acc[d] (16 lanes) += p[s] * v[s, d] broadcast, 16 values of d at a time, their 16
+  accumulators in registers over a block of 128 keys;
+- those two loops are LLVM IR (score_keys, weigh_values16): numba's loops neither keep 16-lane
+  accumulators in registers nor vectorise across heads; a 16-bit cache is widened 128 keys at a
+  time with vector loads (numba's loop over a view of the cache ran at 2.7 GB/s);
+- one parallel numba call per layer: a job per (token, group, chunk of 16 heads, key split); the
+  splits' (maximum, sum, output) are merged afterwards (flash-decoding), so both cores work with
+  ChatGLM2's G = 2. Other r (the tests' tiny models) use 16-head chunks, the last zero-padded.
+
+Measured at 6B's decode shapes (T=1, H=32, G=2, Dh=128), one layer, ms, median of 8-20 on the
+2-core VM under the benchmark lock, tiled -> heads in lanes: fp32 S=2048 0.40 -> 0.18, S=8192
+1.40 -> 0.52, S=32768 8.8 -> 3.0; float16 S=2048 1.04 -> 0.20, S=8192 3.8 -> 0.63-1.4, S=32768
+14.6 -> 3.2. With other benchmarks running beside it (load 4) both slow down, the gain stays
+2-6x: fp32 S=8192 2.8 -> 1.3, S=32768 12.2 -> 6.3, float16 S=8192 13.2 -> 1.7. End to end
+(benchmarks/bench_long_context.py glm_decode, 6b-int4, 8K context): decode at 8K / decode at 16
+tokens in the same process 0.60 (4.8 / 8.0 tok/s) before, 0.77 (8.3 / 10.8) and 0.85 (5.1 / 6.0)
+in two runs after, on the shared VM.
+
+A small prefill (more than DECODE_TOKENS tokens over a short cache) is not worth the tiles'
+Python overhead: ``direct_attention`` does it in one numba call on the calling thread, one
+(head, query) pair at a time.
 """
 
 from __future__ import annotations
@@ -42,16 +67,17 @@ from pathlib import Path
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
 from glm_numpy.kernels.matvec import FASTMATH
+from glm_numpy.kernels.tiles import _load_bf16, _load_fp16
 
 # Up to this many multiply-adds (T * H * S * Dh) the direct kernel, on one thread, beats the
-# tiles (a few numpy calls per group and a hand-off to the worker threads): 6B decode shapes
-# (T=1, H=32, Dh=128), direct vs tiled, ms: S=64 0.05 vs 0.09, S=256 0.22 vs 0.13, S=1024 1.6
-# vs 0.4 (best of 5, loaded VM).
+# tiles (a few numpy calls per group and a hand-off to the worker threads); measured at 6B decode
+# shapes (T=1, H=32, Dh=128) before decode_attention took those over, direct vs tiled, ms: S=64
+# 0.05 vs 0.09, S=256 0.22 vs 0.13, S=1024 1.6 vs 0.4 (best of 5, loaded VM).
 DIRECT_WORK = 1 << 19
 # Scores per tile ([Tq * r, Sk] float32): 512 x 1024 = 2 MiB, the size of one core's L2.
 TILE_SCORES = 1 << 19
@@ -62,6 +88,12 @@ WIDE_ROWS = 128
 # Keys per tile at most (a decoded token's 16 rows would allow 32K): a 16-bit block widened to
 # float32, 2048 x 128 x 4 B = 1 MiB, stays in L2 between its widening and its sgemm.
 KEY_BLOCK = 2048
+# Up to this many query tokens decode_attention (heads in lanes, below) does the work, whatever
+# the cache length: 6B shapes (H=32, G=2, Dh=128), causal, best of 4-30 on the loaded VM, lanes
+# vs tiled, ms: S=8192 T=1 0.52 vs 2.28, T=4 1.84 vs 3.10, T=16 6.9 vs 12.4, T=64 31 vs 45;
+# T=1 S=16 0.05 vs 0.09 (direct 0.06), S=256 0.06 vs 0.16 (direct 0.87). It reads the cache once
+# per token, so long prefill chunks stay with the tiles (a larger bound is not measured yet).
+DECODE_TOKENS = 16
 
 
 def attention_context(
@@ -71,6 +103,8 @@ def attention_context(
     T, H, Dh = q.shape
     S = keys.shape[0]
     allowed = np.ascontiguousarray(allowed, dtype=np.bool_)
+    if T <= DECODE_TOKENS:
+        return decode_attention(q, keys, values, allowed)
     if T * H * S * Dh <= DIRECT_WORK:
         return direct_attention(q, widened(keys), widened(values), allowed)
     return tiled_attention(q, keys, values, allowed)
@@ -363,3 +397,315 @@ def _attend_one(h, t, q, keys, values, allowed, out):
         if p != 0.0:
             for d in range(Dh):
                 out[t, h, d] += p * values[s, g, d]
+
+
+# ---------------------------------------------------------------------- decode: heads in lanes
+# Keys per step of the score loop: 8 accumulators hide the 4-cycle latency of the FMAs, and each
+# query vector loaded serves 8 of them.
+DECODE_KEYS = 8
+# Keys per online-softmax block: scores [128, 16] (8 KiB) and, for a 16-bit cache, the widened
+# keys and values [128, Dh] (64 KiB each at Dh = 128) stay in L1 / L2 between their uses.
+DECODE_BLOCK = 128
+# Keys per split at least (fewer splits on short caches: each one costs a merge).
+DECODE_SPLIT = 512
+
+_ints = ir.VectorType(ir.IntType(32), 16)
+_f32 = ir.FloatType()
+_floats = ir.VectorType(_f32, LANES)
+_i64 = ir.IntType(64)
+
+
+def decode_attention(
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, allowed: np.ndarray
+) -> np.ndarray:
+    """attention_context for a few query tokens over a long cache (see lanes_attention)."""
+    T, H, Dh = q.shape
+    G = keys.shape[1]
+    r = H // G
+    chunks = -(-r // LANES)  # 16-lane chunks of a group's heads (the last one zero-padded)
+    padded = np.zeros((T, G, chunks * LANES, Dh), dtype=np.float32)
+    padded[:, :, :r] = q.reshape(T, G, r, Dh) * np.float32(1.0 / np.sqrt(Dh))
+    # [T, G, chunks, Dh, LANES]: for each d, the 16 heads' q[d] side by side
+    lanes_q = np.ascontiguousarray(padded.reshape(T, G, chunks, LANES, Dh).swapaxes(3, 4))
+    first, last = allowed_span(allowed)
+    begin, end = int(first.min()), int(last.max()) + 1
+    groups = T * G * chunks
+    splits = max(1, min(-(-2 * numba.get_num_threads() // groups), (end - begin) // DECODE_SPLIT))
+    starts = np.linspace(begin, end, splits + 1).astype(np.int64)  # [splits + 1] key boundaries
+    top = np.empty((groups * splits, LANES), dtype=np.float32)
+    total = np.empty((groups * splits, LANES), dtype=np.float32)
+    acc = np.empty((groups * splits, Dh, LANES), dtype=np.float32)
+    fp16 = keys.dtype == np.float16
+    lanes_attention(
+        lanes_q, _lane_rows(keys), _lane_rows(values), allowed, fp16, starts, top, total, acc
+    )
+    # flash-decoding's merge: the splits' sums, each rescaled to the overall maximum
+    top = top.reshape(groups, splits, LANES)
+    weight = np.exp(top - top.max(axis=1, keepdims=True))  # [groups, splits, LANES]
+    total = (total.reshape(groups, splits, LANES) * weight).sum(axis=1)  # [groups, LANES]
+    acc = (acc.reshape(groups, splits, Dh, LANES) * weight[:, :, None]).sum(axis=1)
+    context = (acc / total[:, None]).reshape(T, G, chunks, Dh, LANES).swapaxes(3, 4)
+    return context.reshape(T, G, chunks * LANES, Dh)[:, :, :r].reshape(T, H, Dh)
+
+
+def _lane_rows(cache: np.ndarray) -> np.ndarray:
+    """cache [S, G, Dh] -> float32 or uint16 (16-bit bits), each row's Dh values contiguous."""
+    if cache.dtype == np.float16:
+        cache = cache.view(np.uint16)
+    if cache.strides[2] != cache.itemsize:
+        cache = np.ascontiguousarray(cache)
+    return cache
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def lanes_attention(q, keys, values, allowed, fp16, starts, top, total, acc):
+    """One job per (token, group, chunk of 16 heads, key split) on numba's threads.
+
+    q [T, G, C, Dh, LANES] (scaled, heads in lanes), keys/values [S, G, Dh] (float32, or 16-bit
+    bits: fp16 if fp16 else bf16), allowed [T, S], starts [splits + 1] -> for each job j (in that
+    order) its softmax state over keys starts[split]:starts[split + 1]: top, total [j, LANES],
+    acc [j, Dh, LANES] (unnormalised)."""
+    T, G, C = q.shape[0], q.shape[1], q.shape[2]
+    splits = len(starts) - 1
+    for job in prange(T * G * C * splits):
+        split, rest = job % splits, job // splits
+        c, rest = rest % C, rest // C
+        g, t = rest % G, rest // G
+        attend_split(
+            q[t, g, c], keys, values, allowed[t], g, fp16, starts[split], starts[split + 1],
+            top[job], total[job], acc[job],
+        )  # fmt: skip
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def attend_split(q, keys, values, allowed, g, fp16, begin, end, top, total, acc):
+    """The online softmax of one split, heads in lanes: q [Dh, LANES] against keys begin:end of
+    group g -> top, total [LANES] and acc [Dh, LANES], a key block of DECODE_BLOCK at a time."""
+    Dh = q.shape[0]
+    top[:] = -np.inf
+    total[:] = 0.0
+    acc[:] = 0.0
+    scores = np.empty((DECODE_BLOCK, LANES), dtype=np.float32)  # then exp(score - top)
+    widened_keys = np.empty((DECODE_BLOCK, Dh), dtype=np.float32)  # used by 16-bit caches
+    widened_values = np.empty((DECODE_BLOCK, Dh), dtype=np.float32)
+    block_top = np.empty(LANES, dtype=np.float32)
+    for s0 in range(begin, end, DECODE_BLOCK):
+        n = min(DECODE_BLOCK, end - s0)
+        mask = allowed[s0 : s0 + n]
+        if not mask.any():
+            continue
+        k, k_stride = float32_rows(keys, g, s0, n, fp16, widened_keys)
+        for s in range(0, n, DECODE_KEYS):
+            score_keys(
+                q.ctypes.data, k + s * k_stride, k_stride, min(DECODE_KEYS, n - s), Dh,
+                scores[s].ctypes.data,
+            )  # fmt: skip
+        block_top[:] = -np.inf
+        for s in range(n):
+            if mask[s]:
+                for j in range(LANES):
+                    block_top[j] = max(block_top[j], scores[s, j])
+        for j in range(LANES):  # every lane sees the same keys: block_top is finite
+            new_top = max(top[j], block_top[j])
+            block_top[j] = exp_nonpositive(top[j] - new_top)  # the rescale; 0 on the first block
+            top[j] = new_top
+            total[j] *= block_top[j]
+        for d in range(Dh):
+            for j in range(LANES):
+                acc[d, j] *= block_top[j]
+        for s in range(n):
+            if mask[s]:
+                for j in range(LANES):
+                    p = exp_nonpositive(scores[s, j] - top[j])
+                    scores[s, j] = p
+                    total[j] += p
+            else:
+                scores[s, :] = 0.0
+        v, v_stride = float32_rows(values, g, s0, n, fp16, widened_values)
+        whole = Dh // LANES * LANES
+        for d in range(0, whole, LANES):
+            weigh_values16(scores.ctypes.data, v + 4 * d, v_stride, n, acc[d].ctypes.data)
+        for d in range(whole, Dh):
+            weigh_values1(scores.ctypes.data, v + 4 * d, v_stride, n, acc[d].ctypes.data)
+
+
+def float32_rows(cache, g, s0, n, fp16, buffer):
+    """(address, row stride in bytes) of rows s0:s0+n of group g as float32: in a float32 cache
+    itself, or widened from 16-bit bits into buffer [>= n, Dh]."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(float32_rows, inline="always")
+def _float32_rows(cache, g, s0, n, fp16, buffer):
+    if cache.dtype == types.float32:
+        return lambda cache, g, s0, n, fp16, buffer: (cache[s0, g].ctypes.data, cache.strides[0])
+
+    def widen(cache, g, s0, n, fp16, buffer):
+        Dh = buffer.shape[1]
+        whole = Dh // LANES  # 16-value vectors per row, then a scalar tail
+        for s in range(n):
+            row, out = cache[s0 + s, g], buffer[s]
+            if whole and fp16:
+                widen_fp16_vectors(row.ctypes.data, out.ctypes.data, whole)
+            elif whole:
+                widen_bf16_vectors(row.ctypes.data, out.ctypes.data, whole)
+            for d in range(whole * LANES, Dh):
+                if fp16:
+                    out[d] = fp16_bits_to_float32(row[d])
+                else:
+                    out[d] = bf16_bits_to_float32(row[d])
+        return buffer.ctypes.data, buffer.strides[0]
+
+    return widen
+
+
+def _widen_vectors(load):
+    """An intrinsic (source, destination, count): count vectors of 16 16-bit values at source ->
+    float32 at destination (addresses), whatever the cache's strides (numba's own loop over a
+    view of the [S, G, Dh] cache does not vectorise: 2.7 GB/s)."""
+
+    @intrinsic
+    def widen_vectors(typingctx, source, destination, count):
+        def codegen(context, builder, signature, args):
+            source, destination, count = args
+
+            def step(i, _):
+                wide = load(builder, _at(builder, source, i, 2 * LANES))
+                target = _pointer(builder, _at(builder, destination, i, 4 * LANES), _floats)
+                builder.store(wide, target, align=4)
+                return []
+
+            _counted_loop(builder, count, [], step)
+            return context.get_dummy_value()
+
+        return types.void(types.intp, types.intp, types.intp), codegen
+
+    return widen_vectors
+
+
+widen_fp16_vectors = _widen_vectors(_load_fp16)
+widen_bf16_vectors = _widen_vectors(_load_bf16)
+
+
+def _counted_loop(builder: ir.IRBuilder, count, initial: list, body) -> list:
+    """for i in range(count) (count >= 1): values = body(i, values), from initial -> the last
+    values. Each value is a phi of the loop, so LLVM keeps them in registers."""
+    entry = builder.block
+    loop = builder.append_basic_block("loop")
+    done = builder.append_basic_block("done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    i = builder.phi(_i64)
+    carried = [builder.phi(value.type) for value in initial]
+    new = body(i, carried)
+    next_i = builder.add(i, ir.Constant(_i64, 1))
+    i.add_incoming(ir.Constant(_i64, 0), entry)
+    i.add_incoming(next_i, builder.block)
+    for phi, start, value in zip(carried, initial, new):
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, builder.block)
+    builder.cbranch(builder.icmp_signed("<", next_i, count), loop, done)
+    builder.position_at_end(done)
+    return new
+
+
+def _pointer(builder, address, element_type):
+    return builder.inttoptr(address, element_type.as_pointer())
+
+
+def _broadcast(builder, address):
+    """The float32 at address in all 16 lanes (one vbroadcastss, or an FMA's memory operand)."""
+    value = builder.load(_pointer(builder, address, _f32), align=4)
+    single = builder.insert_element(
+        ir.Constant(_floats, ir.Undefined), value, ir.Constant(_ints.element, 0)
+    )
+    return builder.shuffle_vector(
+        single, ir.Constant(_floats, ir.Undefined), ir.Constant(_ints, None)
+    )
+
+
+def _vector_fma(builder, a, b, c):
+    module = builder.module
+    function = module.globals.get("llvm.fma.v16f32") or ir.Function(
+        module, ir.FunctionType(_floats, [_floats] * 3), "llvm.fma.v16f32"
+    )
+    return builder.call(function, [a, b, c])
+
+
+def _at(builder, base, index, step):
+    return builder.add(
+        base, builder.mul(index, ir.Constant(_i64, step) if isinstance(step, int) else step)
+    )
+
+
+@intrinsic
+def score_keys(typingctx, q, k, k_stride, valid, dh, out):
+    """out[i] (16 lanes) = sum_d q[d] (16 lanes) * k row i [d] for the DECODE_KEYS rows i at
+    k + i * k_stride (rows i >= valid repeat the last valid one; their scores are never used).
+    q [dh, LANES] float32, out [DECODE_KEYS, LANES] float32: addresses."""
+
+    def codegen(context, builder, signature, args):
+        q, k, k_stride, valid, dh, out = args
+        last = builder.sub(valid, ir.Constant(_i64, 1))
+        rows = []
+        for i in range(DECODE_KEYS):
+            index = ir.Constant(_i64, i)
+            clamped = builder.select(builder.icmp_signed("<", index, valid), index, last)
+            rows.append(_at(builder, k, clamped, k_stride))
+
+        def step(d, sums):
+            lanes = builder.load(_pointer(builder, _at(builder, q, d, 4 * LANES), _floats), align=4)
+            return [
+                _vector_fma(builder, lanes, _broadcast(builder, _at(builder, row, d, 4)), total)
+                for row, total in zip(rows, sums)
+            ]
+
+        zero = ir.Constant(_floats, None)
+        sums = _counted_loop(builder, dh, [zero] * DECODE_KEYS, step)
+        for i, total in enumerate(sums):
+            address = builder.add(out, ir.Constant(_i64, 4 * LANES * i))
+            builder.store(total, _pointer(builder, address, _floats), align=4)
+        return context.get_dummy_value()
+
+    return types.void(*[types.intp] * 6), codegen
+
+
+def _weigh_values(width: int):
+    """An intrinsic: acc[i] (16 lanes) += sum_s p[s] (16 lanes) * v row s [i] for i < width,
+    p [n, LANES] float32, value rows at v + s * v_stride, acc [width, LANES] float32: addresses.
+    The width accumulators stay in registers over all n keys."""
+
+    @intrinsic
+    def weigh_values(typingctx, p, v, v_stride, n, acc):
+        def codegen(context, builder, signature, args):
+            p, v, v_stride, n, acc = args
+            addresses = [builder.add(acc, ir.Constant(_i64, 4 * LANES * i)) for i in range(width)]
+            initial = [builder.load(_pointer(builder, a, _floats), align=4) for a in addresses]
+
+            def step(s, sums):
+                probs = builder.load(
+                    _pointer(builder, _at(builder, p, s, 4 * LANES), _floats), align=4
+                )
+                row = _at(builder, v, s, v_stride)
+                return [
+                    _vector_fma(
+                        builder,
+                        probs,
+                        _broadcast(builder, builder.add(row, ir.Constant(_i64, 4 * i))),
+                        total,
+                    )
+                    for i, total in enumerate(sums)
+                ]
+
+            sums = _counted_loop(builder, n, initial, step)
+            for address, total in zip(addresses, sums):
+                builder.store(total, _pointer(builder, address, _floats), align=4)
+            return context.get_dummy_value()
+
+        return types.void(*[types.intp] * 5), codegen
+
+    return weigh_values
+
+
+weigh_values16 = _weigh_values(LANES)
+weigh_values1 = _weigh_values(1)

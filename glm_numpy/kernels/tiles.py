@@ -12,7 +12,8 @@ uses the full 512-bit registers. The lanes are added once per tile at the end.
 ``vdpbf16ps`` for compute="bf16". Ragged T, O and I are padded with zeros by ``project16``.
 
 Editing this file: numba's on-disk cache of bf16dot's kernels is keyed on bf16dot.py alone, so
-touch it too (or delete its __pycache__), or its cached kernels keep the old tile shape.
+touch it too (or delete its __pycache__), or its cached kernels keep the old tile shape; the same
+for attention.py, whose decode kernel widens 16-bit keys with _load_fp16 / _load_bf16.
 """
 
 from __future__ import annotations
