@@ -23,11 +23,11 @@ afterwards for all tokens of a row at once, summed over groups in decode's order
 loop per token and row it had taken about a third of the time with groups of 128.
 
 [13696, 4096], 2 threads, GOP/s at 16 / 128 / 512 tokens, the previous kernel (1 x 4 tiles,
-scalar correction) -> these; best of 3 rounds alternating the two under a load from another
-process, so compare the ratios (the previous kernel ran 194 / 163 / 191 int4 in a quiet hour):
-int4 per row 186 / 134 / 137 -> 308 / 297 / 318, int4 groups of 128 112 / 100 / 125 -> 147 /
-152 / 167, int8 per row 154 / 113 / 193 -> 177 / 234 / 239. Decode is unchanged (same kernels;
-[13696, 4096] x 8 matrices out of cache, int4 30.9 -> 29.0 GB/s, int8 30.4 -> 33.0, noise).
+scalar correction) -> these; best of 5 rounds alternating the two while other processes loaded
+the machine, so compare the ratios: int4 per row 186 / 191 / 192 -> 308 / 308 / 318 (1.6-1.7x),
+int4 groups of 128 153 / 142 / 145 -> 147 / 181 / 167, int8 per row 188 / 194 / 193 -> 182 /
+242 / 243. Decode is unchanged (same kernels; 8 matrices [13696, 4096] read out of cache, best
+of 5: int4 30.9 -> 31.7 GB/s, int4 groups of 128 22.6 -> 23.4, int8 34.1 -> 33.3).
 """
 
 from __future__ import annotations
