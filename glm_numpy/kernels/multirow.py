@@ -20,7 +20,8 @@ unpacked once for 4 tokens, each activation pair loaded once for 2 or 4 rows, th
 in registers). The tiles of output rows are split between the threads; the last, partial one
 reads a zero-padded copy of the ragged rows (ragged_tail). int4's + 8 correction is taken back
 afterwards for all tokens of a row at once, summed over groups in decode's order: as a scalar
-loop per token and row it had taken about a third of the time with groups of 128.
+loop per token and row after each tile it halved the speed with groups of 128 (2 x 4 tiles:
+69-71 GOP/s at 128-512 tokens with it, 135-136 without; consecutive runs).
 
 [13696, 4096], 2 threads, GOP/s at 16 / 128 / 512 tokens, the previous kernel (1 x 4 tiles,
 scalar correction) -> these; best of 5 rounds alternating the two while other processes loaded
