@@ -31,8 +31,9 @@ def close(actual, expected, tolerance=2e-5):
 
 
 def operands(data, bits_choices, column_unit, group_sizes):
-    """A random x [T, I] and weight [O, I]: ragged T (not a multiple of the tile) and O (odd)."""
-    T = data.draw(st.integers(2, 13), label="T")
+    """A random x [T, I] and weight [O, I]: ragged T (not a multiple of the tile) and O (not a
+    multiple of the tiles' 2 or 4 weight rows)."""
+    T = data.draw(st.integers(2, 21), label="T")
     O = data.draw(st.integers(1, 19), label="O")
     I = column_unit * data.draw(st.integers(1, 6), label="I / unit")
     seed = data.draw(st.integers(0, 2**16), label="seed")
@@ -64,9 +65,10 @@ def test_round_activations_matches_the_decode_kernel():
 @needs_vnni
 @given(data=st.data())
 def test_integer_rows_match_the_readable_scheme_and_decode(data):
-    """Every group length (odd numbers of 32-byte blocks too), per-row and group-wise scales:
-    equal to the readable definition, and bit-equal to the decode kernel row by row."""
-    x, w, bits, blocks_per_group = operands(data, [4, 8], 64, [None, 1, 2, 3])
+    """Every group length (odd numbers of 32-byte blocks too, groups of 32 to 256 columns),
+    per-row and group-wise scales: equal to the readable definition, and bit-equal to the
+    decode kernel row by row."""
+    x, w, bits, blocks_per_group = operands(data, [4, 8], 64, [None, 1, 2, 3, 4])
     group = None if blocks_per_group is None else blocks_per_group * (64 if bits == 4 else 32)
     if group is not None and x.shape[1] % group:
         group = None
@@ -74,6 +76,21 @@ def test_integer_rows_match_the_readable_scheme_and_decode(data):
     close(linear(x, qw), linear_integer_reference(x, qw), 1e-5)
     one_by_one = np.concatenate([linear(row[None], qw) for row in x])
     np.testing.assert_array_equal(linear(x, qw), one_by_one)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits, group_size", [(8, None), (4, None), (4, 128), (8, 256)])
+def test_integer_rows_over_several_token_blocks(bits, group_size):
+    """More tokens than one block of activations (multirow.TOKEN_BLOCK_BYTES): every block,
+    the last one partial, agrees with decode bit for bit."""
+    I = 4096
+    T = multirow.TOKEN_BLOCK_BYTES // I + 9
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((T, I)).astype(np.float32)
+    qw = quantize(rng.standard_normal((7, I)).astype(np.float32), bits, group_size)
+    at_once = linear(x, qw)
+    close(at_once, linear_integer_reference(x, qw), 1e-5)
+    np.testing.assert_array_equal(at_once, np.concatenate([linear(row[None], qw) for row in x]))
 
 
 @needs_vnni

@@ -5,7 +5,8 @@ NumPy layer it speeds up (glm_numpy/layers; tests/test_kernels.py).
 - matvec:   decode, y = x @ W.T for a few rows, streaming W once in its stored 16-bit or
             quantised form (the time per token is the time to read the weights from memory);
 - intdot:   AVX2 and AVX-512 VNNI integer dot products for int8/int4 weights (LLVM IR
-            written with llvmlite), one token at a time or a tile of 4;
+            written with llvmlite), one token at a time or a tile of 2-4 weight rows x 4
+            tokens;
 - tiles:    prompts and batches over 16-bit weights: 4 weight rows x 6 rows of x per pass,
             float32-exact (LLVM IR);
 - multirow: prompts and batches over int8/int4 weights on intdot's tiles, x rounded to int8 as

@@ -223,19 +223,28 @@ def _fma(builder: ir.IRBuilder, a, b, c) -> ir.Value:
 
 
 def _grouped_pairs(
-    builder, tokens, n_groups, group_blocks, weights, w_scale, pair_sums, pair_scale, block_scale
+    builder, n_groups, group_blocks, rows, tokens, pair_sums, pair_scale, block_scale
 ) -> list:
     """AVX-512: _grouped_blocks two blocks per step, in 16 lanes (lanes 0-7 hold block b's
-    sums, 8-15 block b + 1's), for one token or a tile of tokens sharing each weight load.
+    sums, 8-15 block b + 1's), for one weight row and token or a tile of rows x tokens, each
+    weight load shared by the tile's tokens and each activation load by its rows.
 
-    pair_sums(load, offset) -> one <16 x i32> per token, reading its operands with ``load``:
-    _load_pair, or _load_padded_block for the last block of a group of odd length;
+    rows: (weight address, fp16 scale address) per weight row, prefetched PREFETCH_AHEAD ahead;
+    pair_sums(load, offset) -> one <16 x i32> per (row, token), row-major, reading its operands
+    with ``load``: _load_pair, or _load_padded_block for the last block of a group of odd length;
     pair_scale(j, b) -> token j's activation scales of blocks b, b + 1 (lanes 0-7, 8-15);
-    block_scale(j, b) -> token j's scale of block b alone. -> a float32 per token.
-    The decode and tile kernels build the same per-token arithmetic here, so they agree bit
-    for bit."""
+    block_scale(j, b) -> token j's scale of block b alone. -> a float32 per (row, token).
+    The decode and tile kernels build the same arithmetic per (row, token) here, so they agree
+    bit for bit."""
     zero = ir.Constant(_wide_floats, None)
     one, two = ir.Constant(_i64, 1), ir.Constant(_i64, 2)
+    tile = len(rows) * tokens
+
+    def scaled(sums, scales, accs):
+        return [
+            _fma(builder, builder.sitofp(ints, _wide_floats), scales[i % tokens], acc)
+            for i, (ints, acc) in enumerate(zip(sums, accs))
+        ]
 
     def group(g, totals):
         first = builder.mul(g, group_blocks)
@@ -243,30 +252,28 @@ def _grouped_pairs(
         def pair(k, accs):
             b = builder.add(first, builder.mul(k, two))
             offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
-            _prefetch_ahead(builder, weights, offset)
-            sums = pair_sums(_load_pair, offset)
-            return [
-                _fma(builder, builder.sitofp(ints, _wide_floats), pair_scale(j, b), acc)
-                for j, (ints, acc) in enumerate(zip(sums, accs))
-            ]
+            for weights, _ in rows:
+                _prefetch_ahead(builder, weights, offset)
+            scales = [pair_scale(j, b) for j in range(tokens)]
+            return scaled(pair_sums(_load_pair, offset), scales, accs)
 
         def last_block(_, accs):
             b = builder.add(first, builder.sub(group_blocks, one))
             offset = builder.mul(b, ir.Constant(_i64, BLOCK_BYTES))
-            sums = pair_sums(_load_padded_block, offset)
-            return [
-                _fma(builder, builder.sitofp(ints, _wide_floats), block_scale(j, b), acc)
-                for j, (ints, acc) in enumerate(zip(sums, accs))
-            ]
+            scales = [block_scale(j, b) for j in range(tokens)]
+            return scaled(pair_sums(_load_padded_block, offset), scales, accs)
 
         pair_count = builder.sdiv(group_blocks, two)
-        pairs = _counted_loop_values(builder, pair_count, "pairs", pair, [zero] * len(totals))
+        pairs = _counted_loop_values(builder, pair_count, "pairs", pair, [zero] * tile)
         odd = builder.srem(group_blocks, two)  # 0 or 1 lone blocks
         group_sums = _counted_loop_values(builder, odd, "last", last_block, pairs)
-        scale = _group_scale(builder, w_scale, g, 16)
-        return [_fma(builder, s, scale, t) for s, t in zip(group_sums, totals)]
+        scales = [_group_scale(builder, w_scale, g, 16) for _, w_scale in rows]
+        return [
+            _fma(builder, s, scales[i // tokens], t)
+            for i, (s, t) in enumerate(zip(group_sums, totals))
+        ]
 
-    totals = _counted_loop_values(builder, n_groups, "groups", group, [zero] * tokens)
+    totals = _counted_loop_values(builder, n_groups, "groups", group, [zero] * tile)
     return [_lane_sum(builder, total, 16) for total in totals]
 
 
@@ -278,11 +285,10 @@ def _one_token_pairs(builder, n_groups, group_blocks, weights, x_scale, w_scale,
 
     (result,) = _grouped_pairs(
         builder,
-        1,
         n_groups,
         group_blocks,
-        weights,
-        w_scale,
+        [(weights, w_scale)],
+        1,
         lambda load, offset: [pair_sum(load, offset)],
         lambda _, b: _pair_scales(builder, x_scale, b),
         block_scale,
@@ -394,111 +400,160 @@ dot_int4_blocks = dot_int4_blocks_avx512 if HAS_AVX512_VNNI else dot_int4_blocks
 dot_int8_blocks = dot_int8_blocks_avx512 if HAS_AVX512_VNNI else dot_int8_blocks_avx2
 
 
-# ------------------------------------------------------------------ tiles of tokens (prefill)
-# A prompt multiplies many activation rows by the same weight row. The tile kernels take
-# TILE_TOKENS rows of x at once: each weight pair is loaded (and its nibbles unpacked) once and
-# meets every token of the tile, so the weight work per token falls by TILE_TOKENS. Per token
-# they compute exactly what dot_int4_blocks / dot_int8_blocks (AVX-512) compute, in the same
-# order, so a prompt read at once and one read token by token give bit-identical projections.
+# ------------------------------------------------------------------ tiles (prefill)
+# A prompt multiplies many activation rows by the same weight rows. The tile kernels take a few
+# weight rows x TILE_TOKENS rows of x at once: each weight pair is loaded (and its nibbles
+# unpacked) once and meets every token of the tile, and each activation pair is loaded once and
+# meets every weight row of the tile. Per (row, token) they compute exactly what
+# dot_int4_blocks / dot_int8_blocks (AVX-512) compute, in the same order, so a prompt read at
+# once and one read token by token give bit-identical projections.
+#
+# Tile shapes measured on [13696, 4096], GOP/s at 16 / 128 / 512 tokens (one run each, 2
+# threads; 1 x 4 was the previous kernel: int4 194 / 163 / 191, int8 191 / 194 / 191):
+#   int4 per row: 2 x 4 310 / 352 / 347, 4 x 4 227 / 259 / 252, 4 x 3 228 / 289 / 293;
+#   int8 per row: 4 x 4 204 / 275 / 261, 4 x 3 208 / 289 / 299, 2 x 4 188 / 260 / 267;
+#   int4 groups of 128 (a group is one pair, converted and scaled twice): 80-87 at any shape
+#   while multirow took the + 8 back in a scalar loop per token; see multirow for the figures.
+# Beyond 2 x 4 (int4) the 16-lane accumulators (one per row x token) and the tokens' activation
+# pairs no longer fit in the 32 registers and LLVM spills them.
+#
+# What bounds these tiles is decode's summation order: every 2 vpdpbusd leave 16 lanes of
+# partial sums that each take a conversion and an FMA of their own. A layout with one token per
+# lane (the weights' unpacked 4-byte groups broadcast against 16 tokens' activations, one
+# conversion and FMA per whole block) ran 750-1060 GOP/s at 128-512 tokens, but decode must then
+# form each block's whole integer sum before scaling it (lanes added across 16 rows, or per row
+# and transposed), and measured 15-40 % slower than it is now out of cache: not taken.
 TILE_TOKENS = 4
+INT4_TILE_ROWS = 2
+INT8_TILE_ROWS = 4
 
 
-def _tile_pairs(builder, n_groups, group_blocks, weights, x_scale, scale_stride, w_scale, sums):
-    """_grouped_pairs for TILE_TOKENS tokens; token j's scales start at x_scale + j *
-    scale_stride."""
-    rows = _token_addresses(builder, x_scale, scale_stride)
+def _tile_pairs(builder, n_groups, group_blocks, rows, x_scale, scale_stride, pair_sums):
+    """_grouped_pairs for a tile; token j's scales start at x_scale + j * scale_stride."""
+    scale_rows = _addresses(builder, x_scale, scale_stride, TILE_TOKENS)
 
     def block_scale(j, b):
-        return _broadcast(builder, _load_scalar(builder, rows[j], b, ir.FloatType(), 4), 16)
+        return _broadcast(builder, _load_scalar(builder, scale_rows[j], b, ir.FloatType(), 4), 16)
 
     return _grouped_pairs(
         builder,
-        TILE_TOKENS,
         n_groups,
         group_blocks,
-        weights,
-        w_scale,
-        sums,
-        lambda j, b: _pair_scales(builder, rows[j], b),
+        rows,
+        TILE_TOKENS,
+        pair_sums,
+        lambda j, b: _pair_scales(builder, scale_rows[j], b),
         block_scale,
     )
 
 
-def _token_addresses(builder, base, stride) -> list:
-    """base + j * stride for each token j of a tile."""
-    return [
-        builder.add(base, builder.mul(ir.Constant(_i64, j), stride)) for j in range(TILE_TOKENS)
-    ]
+def _addresses(builder, base, stride, count: int) -> list:
+    """base + j * stride for each j < count (each token, or each weight row, of a tile)."""
+    return [builder.add(base, builder.mul(ir.Constant(_i64, j), stride)) for j in range(count)]
 
 
-def _store_results(builder, out, out_stride, results) -> None:
-    for address, value in zip(_token_addresses(builder, out, out_stride), results):
-        builder.store(value, builder.inttoptr(address, ir.FloatType().as_pointer()))
+def _store_results(builder, out, out_stride, results, n_rows: int) -> None:
+    """results[r * TILE_TOKENS + j] -> out[j, r] (float32, rows of out out_stride bytes)."""
+    for j, address in enumerate(_addresses(builder, out, out_stride, TILE_TOKENS)):
+        for r in range(n_rows):
+            at = builder.add(address, ir.Constant(_i64, 4 * r))
+            value = results[r * TILE_TOKENS + j]
+            builder.store(value, builder.inttoptr(at, ir.FloatType().as_pointer()))
 
 
-_TILE_INT4_SIGNATURE = types.void(*[types.intp] * 11)
-_TILE_INT8_SIGNATURE = types.void(*[types.intp] * 10)
-
-
-# Addresses as dot_int4_blocks, for token 0 of the tile; token j's x_even/x_odd rows start
-# j * x_stride bytes further, its x_scale row j * scale_stride bytes, and its result is stored
-# at out + j * out_stride (float32).
-@intrinsic
-def dot_int4_tile(
-    typingctx, packed, x_even, x_odd, x_scale, w_scale, n_groups, blocks, x_stride, scale_stride,
-    out, out_stride,
-):  # fmt: skip
+def _int4_tile_codegen(n_rows: int):
     def codegen(context, builder, sig, args):
-        packed, x_even, x_odd, x_scale, w_scale, n_groups, group_blocks = args[:7]
-        x_stride, scale_stride, out, out_stride = args[7:]
-        evens = _token_addresses(builder, x_even, x_stride)
-        odds = _token_addresses(builder, x_odd, x_stride)
+        packed, row_stride, x_even, x_odd, x_scale, w_scale, w_scale_stride = args[:7]
+        n_groups, group_blocks, x_stride, scale_stride, out, out_stride = args[7:]
+        rows = list(
+            zip(
+                _addresses(builder, packed, row_stride, n_rows),
+                _addresses(builder, w_scale, w_scale_stride, n_rows),
+            )
+        )
+        evens = _addresses(builder, x_even, x_stride, TILE_TOKENS)
+        odds = _addresses(builder, x_odd, x_stride, TILE_TOKENS)
 
         def pair_sums(load, offset):
-            nibbles = builder.xor(load(builder, packed, offset), _splat(_wide_bytes, 0x88))
-            high = builder.lshr(nibbles, _splat(_wide_bytes, 4))
-            low = builder.and_(nibbles, _splat(_wide_bytes, 15))
+            tokens = [
+                (load(builder, even, offset), load(builder, odd, offset))
+                for even, odd in zip(evens, odds)
+            ]
             sums = []
-            for even, odd in zip(evens, odds):
-                acc = ir.Constant(_wide_ints, None)
-                acc = _vpdpbusd(builder, acc, high, load(builder, even, offset))
-                sums.append(_vpdpbusd(builder, acc, low, load(builder, odd, offset)))
+            for weights, _ in rows:
+                nibbles = builder.xor(load(builder, weights, offset), _splat(_wide_bytes, 0x88))
+                high = builder.lshr(nibbles, _splat(_wide_bytes, 4))
+                low = builder.and_(nibbles, _splat(_wide_bytes, 15))
+                for even, odd in tokens:
+                    acc = _vpdpbusd(builder, ir.Constant(_wide_ints, None), high, even)
+                    sums.append(_vpdpbusd(builder, acc, low, odd))
             return sums
 
         results = _tile_pairs(
-            builder, n_groups, group_blocks, packed, x_scale, scale_stride, w_scale, pair_sums
+            builder, n_groups, group_blocks, rows, x_scale, scale_stride, pair_sums
         )
-        _store_results(builder, out, out_stride, results)
+        _store_results(builder, out, out_stride, results, n_rows)
         return context.get_dummy_value()
 
-    return _TILE_INT4_SIGNATURE, codegen
+    return codegen
 
 
-# Addresses as dot_int8_blocks, tokens laid out as in dot_int4_tile, but x holds x + 128 as
-# uint8 (x_q ^ 0x80): the sums are the same integers.
-@intrinsic
-def dot_int8_tile(
-    typingctx, q, x, x_scale, w_scale, n_groups, blocks, x_stride, scale_stride, out, out_stride
-):
+def _int8_tile_codegen(n_rows: int):
     def codegen(context, builder, sig, args):
-        q, x, x_scale, w_scale, n_groups, group_blocks = args[:6]
-        x_stride, scale_stride, out, out_stride = args[6:]
-        xs = _token_addresses(builder, x, x_stride)
+        q, row_stride, x, x_scale, w_scale, w_scale_stride = args[:6]
+        n_groups, group_blocks, x_stride, scale_stride, out, out_stride = args[6:]
+        rows = list(
+            zip(
+                _addresses(builder, q, row_stride, n_rows),
+                _addresses(builder, w_scale, w_scale_stride, n_rows),
+            )
+        )
+        xs = _addresses(builder, x, x_stride, TILE_TOKENS)
 
         def pair_sums(load, offset):
             # Σ x q = Σ (x + 128) q - 128 Σ q: start each token's sums at -128 Σ q (once per
             # weight pair), then one vpdpbusd per token with x + 128 as the unsigned operand.
-            weights = load(builder, q, offset)
-            sum_128q = _vpdpbusd(
-                builder, ir.Constant(_wide_ints, None), _splat(_wide_bytes, 128), weights
-            )
-            start = builder.neg(sum_128q)
-            return [_vpdpbusd(builder, start, load(builder, row, offset), weights) for row in xs]
+            tokens = [load(builder, row, offset) for row in xs]
+            sums = []
+            for weights, _ in rows:
+                w = load(builder, weights, offset)
+                sum_128q = _vpdpbusd(
+                    builder, ir.Constant(_wide_ints, None), _splat(_wide_bytes, 128), w
+                )
+                start = builder.neg(sum_128q)
+                sums.extend(_vpdpbusd(builder, start, activations, w) for activations in tokens)
+            return sums
 
         results = _tile_pairs(
-            builder, n_groups, group_blocks, q, x_scale, scale_stride, w_scale, pair_sums
+            builder, n_groups, group_blocks, rows, x_scale, scale_stride, pair_sums
         )
-        _store_results(builder, out, out_stride, results)
+        _store_results(builder, out, out_stride, results, n_rows)
         return context.get_dummy_value()
 
-    return _TILE_INT8_SIGNATURE, codegen
+    return codegen
+
+
+_TILE_INT4_SIGNATURE = types.void(*[types.intp] * 13)
+_TILE_INT8_SIGNATURE = types.void(*[types.intp] * 12)
+
+
+# Addresses as dot_int4_blocks, for weight row 0 and token 0 of the tile; weight row r starts
+# r * row_stride bytes further and its scales r * w_scale_stride bytes; token j's x_even/x_odd
+# rows start j * x_stride bytes further, its x_scale row j * scale_stride bytes; the result of
+# (row r, token j) is stored at out + j * out_stride + 4 r (float32); INT4_TILE_ROWS rows.
+@intrinsic
+def dot_int4_tile(
+    typingctx, packed, row_stride, x_even, x_odd, x_scale, w_scale, w_scale_stride, n_groups,
+    blocks, x_stride, scale_stride, out, out_stride,
+):  # fmt: skip
+    return _TILE_INT4_SIGNATURE, _int4_tile_codegen(INT4_TILE_ROWS)
+
+
+# Addresses as dot_int8_blocks, rows and tokens laid out as in dot_int4_tile, but x holds
+# x + 128 as uint8 (x_q ^ 0x80): the sums are the same integers; INT8_TILE_ROWS rows.
+@intrinsic
+def dot_int8_tile(
+    typingctx, q, row_stride, x, x_scale, w_scale, w_scale_stride, n_groups, blocks, x_stride,
+    scale_stride, out, out_stride,
+):  # fmt: skip
+    return _TILE_INT8_SIGNATURE, _int8_tile_codegen(INT8_TILE_ROWS)
