@@ -7,11 +7,12 @@ definition it is tested against. Three regimes:
   the time is the time to stream W from memory;
 - more rows (a prompt, a batch of decode steps): tiles of weight rows x rows of x held in
   registers, each weight row read once per block of rows of x. 16-bit weights: float32-exact
-  products, 4 x 6 tiles of 512-bit FMAs (glm_numpy.kernels.tiles: faster than widening to
-  float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and independent of OpenBLAS's
-  kernel choice); with compute="bf16", vdpbf16ps (glm_numpy.kernels.bf16dot). Quantised
-  weights: integer tiles (glm_numpy.kernels.multirow) where the CPU has AVX-512 VNNI, x rounded
-  to int8 as in decode, so prompt and decode share one function;
+  products, outer products of packed panels in 512-bit FMAs (glm_numpy.kernels.tiles: faster
+  than widening to float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and
+  independent of OpenBLAS's kernel choice); with compute="bf16", vdpbf16ps
+  (glm_numpy.kernels.bf16dot). Quantised weights: integer tiles (glm_numpy.kernels.multirow)
+  where the CPU has AVX-512 VNNI, x rounded to int8 as in decode, so prompt and decode share one
+  function;
 - quantised weights the integer kernels cannot take (float32 scales, groups of under 32
   bytes): matvec up to DECODE_ROWS rows, then W widened to float32 BLOCK_ROWS rows at a time
   and multiplied by BLAS sgemm.
