@@ -40,6 +40,9 @@ BLOCK_ROWS = 512
 # 16-bit decode reads rows two at a time once x [I] float32 outgrows a 32 KiB L1 (8192 columns):
 # at I = 13696 (the MLP's down projection) 30-32 -> 33-34 GB/s, at I = 4096 pairs were slower.
 PAIRS_FROM_COLUMNS = 8192
+# 16-bit weights: matvec up to this many rows, then tiles' panels (which compute 16 tokens at a
+# time). [13696, 4096] fp16, ms: 2 rows matvec 5.4, panels 8.1; 4 rows 6.3 / 7.7; 6 rows 10.4 / 7.8.
+SIXTEEN_BIT_MATVEC_ROWS = 4
 
 
 def project(x: np.ndarray, w) -> np.ndarray:
@@ -66,7 +69,7 @@ def project(x: np.ndarray, w) -> np.ndarray:
         raise ValueError(
             f"linear: x has {x.shape[1]} features, the weight expects {stored.columns}"
         )
-    if stored.multirow is not None and 1 < x.shape[0] <= stored.multirow_rows:
+    if stored.multirow is not None and stored.matvec_rows < x.shape[0] <= stored.multirow_rows:
         return stored.multirow(x)
     if x.shape[0] <= stored.matvec_rows:
         out = np.empty((x.shape[0], rows), dtype=np.float32)  # [T, O]
@@ -92,7 +95,7 @@ class _Stored:
         self.rows, self.columns = rows, columns
         self.matvec = matvec  # (x [T, I], out [T, O]) -> None
         self.widen = widen  # (start, out [n, I]) -> None; None where multirow takes every T
-        self.multirow = multirow  # x [T, I] -> [T, O], for 1 < T <= multirow_rows
+        self.multirow = multirow  # x [T, I] -> [T, O], for matvec_rows < T <= multirow_rows
         self.multirow_rows = multirow_rows
         self.matvec_rows = DECODE_ROWS if matvec_rows is None else matvec_rows
 
@@ -130,7 +133,7 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
         widen=None,
         multirow=lambda x: tiles.project16(x, bits, fp16),
         multirow_rows=sys.maxsize,
-        matvec_rows=1,
+        matvec_rows=SIXTEEN_BIT_MATVEC_ROWS,
     )
 
 
