@@ -140,31 +140,35 @@ def pack_bf16_pairs(x, xp):
 
 
 @njit(parallel=True, cache=True)
-def rows_bf16_compute(xp, w_bits, out, panels, sums):
+def rows_bf16_compute(xp, w_bits, out, panel_like, sums_like):
     """bf16(x) @ W.T for bf16 bits w_bits [O, I], I even (see tiles.tiled_rows)."""
     steps = w_bits.shape[1] // 2
-    tiled_rows(xp, w_bits, steps, 4, out, panels, sums, copy_pairs, _wide, _middle, _narrow)
+    tiled_rows(
+        xp, w_bits, steps, 4, out, panel_like, sums_like, copy_pairs, _wide, _middle, _narrow
+    )
 
 
 @njit(parallel=True, cache=True)
-def rows_fp16_bf16_compute(xp, w_bits, out, panels, sums):
+def rows_fp16_bf16_compute(xp, w_bits, out, panel_like, sums_like):
     """As rows_bf16_compute for fp16 bits, rounded to bf16 as they are packed."""
     steps = w_bits.shape[1] // 2
-    tiled_rows(xp, w_bits, steps, 4, out, panels, sums, round_fp16_pairs, _wide, _middle, _narrow)
+    tiled_rows(
+        xp, w_bits, steps, 4, out, panel_like, sums_like, round_fp16_pairs, _wide, _middle, _narrow
+    )
 
 
 @njit(parallel=True, cache=True)
-def few_rows_bf16_compute(xp, w_bits, out, panels, sums):
+def few_rows_bf16_compute(xp, w_bits, out, panel_like, sums_like):
     """rows_bf16_compute for at most 16 tokens (see tiles.streamed_rows)."""
     steps = w_bits.shape[1] // 2
-    streamed_rows(xp, w_bits, steps, 4, out, panels, sums, copy_pairs, _streaming)
+    streamed_rows(xp, w_bits, steps, 4, out, panel_like, sums_like, copy_pairs, _streaming)
 
 
 @njit(parallel=True, cache=True)
-def few_rows_fp16_bf16_compute(xp, w_bits, out, panels, sums):
+def few_rows_fp16_bf16_compute(xp, w_bits, out, panel_like, sums_like):
     """rows_fp16_bf16_compute for at most 16 tokens (see tiles.streamed_rows)."""
     steps = w_bits.shape[1] // 2
-    streamed_rows(xp, w_bits, steps, 4, out, panels, sums, round_fp16_pairs, _streaming)
+    streamed_rows(xp, w_bits, steps, 4, out, panel_like, sums_like, round_fp16_pairs, _streaming)
 
 
 def project_bf16(x: np.ndarray, w_bits: np.ndarray, fp16: bool) -> np.ndarray:
@@ -185,10 +189,10 @@ def project_bf16(x: np.ndarray, w_bits: np.ndarray, fp16: bool) -> np.ndarray:
     xp = np.zeros(shape, dtype=np.uint16)  # [blocks, G, PANEL_STEPS, 16, 2]
     pack_bf16_pairs(x, xp)
     out = np.empty((T, w_bits.shape[0]), dtype=np.float32)
-    panels, sums = tiles.scratch(T, steps, np.uint32)
+    panel_like, sums_like = tiles.scratch(T, np.uint32)
     if T <= tiles.LANES:
         kernel = few_rows_fp16_bf16_compute if fp16 else few_rows_bf16_compute
     else:
         kernel = rows_fp16_bf16_compute if fp16 else rows_bf16_compute
-    kernel(xp, w_bits, out, panels.view(np.uint16), sums)
+    tiles.run_blocks(kernel, T, xp, w_bits, out, panel_like.view(np.uint16), sums_like)
     return out

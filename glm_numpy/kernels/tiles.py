@@ -13,7 +13,7 @@ For that, both operands are packed, as BLAS does:
 
 - x, once per call, into token groups of 16 lanes per column and blocks of PANEL_STEPS columns
   (``pack_x``): [column blocks, T / 16, PANEL_STEPS, 16];
-- W, a block of rows at a time into a small per-thread buffer, widened to float32 on the way
+- W, a block of rows at a time into a small buffer per block, widened to float32 on the way
   (``vcvtph2ps`` for fp16, a 16-bit shift for bf16): the stored weights stay 16-bit and
   memory-mapped. Many tokens (``tiled_rows``): BLOCK_ROWS rows x PANEL_STEPS columns (96 KiB, in
   L2), swept by every token tile before the next columns; the next columns are prefetched while
@@ -23,7 +23,7 @@ For that, both operands are packed, as BLAS does:
   from memory overlaps the arithmetic. (Packing all of a block's columns first, 384 KiB in L2,
   was slower: 221-232 GFLOP/s at 16 tokens against 281-299.)
 
-Each call's partial sums stay in a per-thread C.T buffer [rows, tokens]; the last step writes
+A block's partial sums stay in its C.T buffer [rows, tokens]; the last step writes
 them to out [T, O]. Ragged T is padded with zero tokens (whole groups of 16), ragged O and I are
 handled by the packing (rows past O are never written out, columns past I never read).
 
@@ -53,6 +53,7 @@ LANES = 16  # tokens per vector (16 float32 lanes)
 PANEL_STEPS = 256  # steps (columns) per packed block: a 24-row panel is 24 KiB, in L1
 BLOCK_ROWS = 96  # weight rows packed at a time for many tokens (a multiple of 6, 12 and 24)
 STREAM_ROWS = 24  # weight rows per block for at most 16 tokens (one 1 x 24 tile)
+STREAM_CHUNK = 4  # blocks a thread takes at a time (the next block, prefetched, is usually its own)
 # Tiles as (token groups, weight rows): 24 accumulators, the token vectors and nothing else.
 # Measured on [13696, 4096] fp16 at 128 / 512 tokens: 4 x 6 422 / 418 GFLOP/s, 2 x 12 419 / 400,
 # 3 x 8 416 / 411; blocks of 128 columns or of 192 rows no faster.
@@ -204,82 +205,79 @@ def _write_out(ct, out, first_row, rows):
 
 
 @njit(inline="always")
-def tiled_rows(xp, w, n_steps, step_bytes, out, panels, sums, pack, wide, middle, narrow):
+def tiled_rows(xp, w, n_steps, step_bytes, out, panel_like, sums_like, pack, wide, middle, narrow):
     """Many tokens. xp [blocks, G, PANEL_STEPS, 16 lanes] (``pack_x``), w [O, I] as stored
-    (n_steps steps of step_bytes per row), out [T, O]; panels [threads, BLOCK_ROWS, PANEL_STEPS]
-    and sums [threads, BLOCK_ROWS, 16 G] per-thread scratch. pack(w, row, first, steps, panel_row)
-    packs steps steps of a row from step first. Each thread takes a contiguous range of blocks
-    of BLOCK_ROWS weight rows; every token tile sweeps a block's packed columns."""
+    (n_steps steps of step_bytes per row), out [T, O]. pack(w, row, first, steps, panel_row)
+    packs steps steps of a row from step first. Each block of BLOCK_ROWS weight rows has its own
+    scratch, shaped as panel_like [BLOCK_ROWS, PANEL_STEPS] and sums_like [BLOCK_ROWS, 16 G]
+    (``scratch``; threads take blocks as ``run_blocks`` sets); every token tile sweeps a block's
+    packed columns."""
     n_blocks, groups = xp.shape[0], xp.shape[1]
     O = w.shape[0]
-    c_stride = sums.strides[1]
+    c_stride = sums_like.strides[0]
     blocks = (O + BLOCK_ROWS - 1) // BLOCK_ROWS
-    threads = panels.shape[0]
-    for thread in prange(threads):
-        panel, ct = panels[thread], sums[thread]
-        for b in range(thread * blocks // threads, (thread + 1) * blocks // threads):
-            first_row = b * BLOCK_ROWS
-            rows = min(BLOCK_ROWS, O - first_row)
-            ct[:] = 0
-            for kb in range(n_blocks):
-                first = kb * PANEL_STEPS
-                steps = min(PANEL_STEPS, n_steps - first)
-                ahead_bytes = min(PANEL_STEPS, n_steps - first - PANEL_STEPS) * step_bytes
-                for r in range(rows):
-                    pack(w, first_row + r, first, steps, panel[r])
-                    next_columns = w[first_row + r].ctypes.data + (first + PANEL_STEPS) * step_bytes
-                    for line in range(0, ahead_bytes, 64):
-                        prefetch(next_columns + line)
-                g = 0
-                while g < groups:
-                    x_at = xp[kb, g].ctypes.data
-                    if groups - g >= WIDE[0]:
-                        for p in range(BLOCK_ROWS // WIDE[1]):
-                            c = ct[p * WIDE[1], g * LANES :].ctypes.data
-                            wide(panel[p * WIDE[1]].ctypes.data, x_at, steps, c, c_stride)
-                        g += WIDE[0]
-                    elif groups - g >= MIDDLE[0]:
-                        for p in range(BLOCK_ROWS // MIDDLE[1]):
-                            c = ct[p * MIDDLE[1], g * LANES :].ctypes.data
-                            middle(panel[p * MIDDLE[1]].ctypes.data, x_at, steps, c, c_stride)
-                        g += MIDDLE[0]
-                    else:
-                        for p in range(BLOCK_ROWS // NARROW[1]):
-                            c = ct[p * NARROW[1], g * LANES :].ctypes.data
-                            narrow(panel[p * NARROW[1]].ctypes.data, x_at, steps, c, c_stride)
-                        g += NARROW[0]
-            _write_out(ct, out, first_row, rows)
+    for b in prange(blocks):
+        panel, ct = np.empty_like(panel_like), np.empty_like(sums_like)  # this block's scratch
+        first_row = b * BLOCK_ROWS
+        rows = min(BLOCK_ROWS, O - first_row)
+        ct[:] = 0
+        for kb in range(n_blocks):
+            first = kb * PANEL_STEPS
+            steps = min(PANEL_STEPS, n_steps - first)
+            ahead_bytes = min(PANEL_STEPS, n_steps - first - PANEL_STEPS) * step_bytes
+            for r in range(rows):
+                pack(w, first_row + r, first, steps, panel[r])
+                next_columns = w[first_row + r].ctypes.data + (first + PANEL_STEPS) * step_bytes
+                for line in range(0, ahead_bytes, 64):
+                    prefetch(next_columns + line)
+            g = 0
+            while g < groups:
+                x_at = xp[kb, g].ctypes.data
+                if groups - g >= WIDE[0]:
+                    for p in range(BLOCK_ROWS // WIDE[1]):
+                        c = ct[p * WIDE[1], g * LANES :].ctypes.data
+                        wide(panel[p * WIDE[1]].ctypes.data, x_at, steps, c, c_stride)
+                    g += WIDE[0]
+                elif groups - g >= MIDDLE[0]:
+                    for p in range(BLOCK_ROWS // MIDDLE[1]):
+                        c = ct[p * MIDDLE[1], g * LANES :].ctypes.data
+                        middle(panel[p * MIDDLE[1]].ctypes.data, x_at, steps, c, c_stride)
+                    g += MIDDLE[0]
+                else:
+                    for p in range(BLOCK_ROWS // NARROW[1]):
+                        c = ct[p * NARROW[1], g * LANES :].ctypes.data
+                        narrow(panel[p * NARROW[1]].ctypes.data, x_at, steps, c, c_stride)
+                    g += NARROW[0]
+        _write_out(ct, out, first_row, rows)
 
 
 @njit(inline="always")
-def streamed_rows(xp, w, n_steps, step_bytes, out, panels, sums, pack, streaming):
+def streamed_rows(xp, w, n_steps, step_bytes, out, panel_like, sums_like, pack, streaming):
     """At most 16 tokens (one group): as tiled_rows, but blocks of STREAM_ROWS rows, each
-    packed PANEL_STEPS columns at a time into panels [threads, STREAM_ROWS, PANEL_STEPS] (L1)
-    and multiplied at once, sums [threads, STREAM_ROWS, 16]; the kernel prefetches the next
+    packed PANEL_STEPS columns at a time into a panel [STREAM_ROWS, PANEL_STEPS] (L1) and
+    multiplied at once, sums [STREAM_ROWS, 16]; the kernel prefetches the next
     block's stored rows (contiguous in memory) into L2 while it multiplies this one."""
     n_blocks = xp.shape[0]
     O = w.shape[0]
     blocks = (O + STREAM_ROWS - 1) // STREAM_ROWS
     block_bytes = STREAM_ROWS * w.strides[0]
     ahead_step = -(-block_bytes // (n_blocks * PANEL_STEPS))  # bytes to prefetch per step
-    threads = panels.shape[0]
-    for thread in prange(threads):
-        panel, ct = panels[thread], sums[thread]
-        for b in range(thread * blocks // threads, (thread + 1) * blocks // threads):
-            first_row = b * STREAM_ROWS
-            rows = min(STREAM_ROWS, O - first_row)
-            ct[:] = 0
-            ahead = w.ctypes.data + (b + 1) * block_bytes
-            for kb in range(n_blocks):
-                first = kb * PANEL_STEPS
-                steps = min(PANEL_STEPS, n_steps - first)
-                for r in range(rows):
-                    pack(w, first_row + r, first, steps, panel[r])
-                streaming(
-                    panel.ctypes.data, xp[kb, 0].ctypes.data, steps, ct.ctypes.data,
-                    ct.strides[0], ahead + first * ahead_step, ahead_step,
-                )  # fmt: skip
-            _write_out(ct, out, first_row, rows)
+    for b in prange(blocks):
+        panel, ct = np.empty_like(panel_like), np.empty_like(sums_like)  # this block's scratch
+        first_row = b * STREAM_ROWS
+        rows = min(STREAM_ROWS, O - first_row)
+        ct[:] = 0
+        ahead = w.ctypes.data + (b + 1) * block_bytes
+        for kb in range(n_blocks):
+            first = kb * PANEL_STEPS
+            steps = min(PANEL_STEPS, n_steps - first)
+            for r in range(rows):
+                pack(w, first_row + r, first, steps, panel[r])
+            streaming(
+                panel.ctypes.data, xp[kb, 0].ctypes.data, steps, ct.ctypes.data,
+                ct.strides[0], ahead + first * ahead_step, ahead_step,
+            )  # fmt: skip
+        _write_out(ct, out, first_row, rows)
 
 
 @njit(inline="always")
@@ -299,27 +297,31 @@ def widen_bf16(w, row, first, steps, panel_row):
 
 
 @njit(parallel=True, cache=True)
-def rows_fp16(xp, w, out, panels, sums):
+def rows_fp16(xp, w, out, panel_like, sums_like):
     """x @ W.T for fp16 bits w [O, I] (see tiled_rows)."""
-    tiled_rows(xp, w, w.shape[1], 2, out, panels, sums, widen_fp16, _wide, _middle, _narrow)
+    tiled_rows(
+        xp, w, w.shape[1], 2, out, panel_like, sums_like, widen_fp16, _wide, _middle, _narrow
+    )
 
 
 @njit(parallel=True, cache=True)
-def rows_bf16(xp, w, out, panels, sums):
+def rows_bf16(xp, w, out, panel_like, sums_like):
     """x @ W.T for bf16 bits w [O, I] (see tiled_rows)."""
-    tiled_rows(xp, w, w.shape[1], 2, out, panels, sums, widen_bf16, _wide, _middle, _narrow)
+    tiled_rows(
+        xp, w, w.shape[1], 2, out, panel_like, sums_like, widen_bf16, _wide, _middle, _narrow
+    )
 
 
 @njit(parallel=True, cache=True)
-def few_rows_fp16(xp, w, out, panels, sums):
+def few_rows_fp16(xp, w, out, panel_like, sums_like):
     """x @ W.T for at most 16 tokens, fp16 bits w [O, I] (see streamed_rows)."""
-    streamed_rows(xp, w, w.shape[1], 2, out, panels, sums, widen_fp16, _streaming)
+    streamed_rows(xp, w, w.shape[1], 2, out, panel_like, sums_like, widen_fp16, _streaming)
 
 
 @njit(parallel=True, cache=True)
-def few_rows_bf16(xp, w, out, panels, sums):
+def few_rows_bf16(xp, w, out, panel_like, sums_like):
     """x @ W.T for at most 16 tokens, bf16 bits w [O, I] (see streamed_rows)."""
-    streamed_rows(xp, w, w.shape[1], 2, out, panels, sums, widen_bf16, _streaming)
+    streamed_rows(xp, w, w.shape[1], 2, out, panel_like, sums_like, widen_bf16, _streaming)
 
 
 def ceil_to(n: int, unit: int) -> int:
@@ -363,25 +365,33 @@ def pack_x(x: np.ndarray) -> np.ndarray:
     return xp
 
 
-def scratch(tokens: int, steps: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per-thread buffers for tiled_rows / streamed_rows: (packed panels, C.T sums)."""
-    threads = numba.get_num_threads()
+def scratch(tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The shapes of a block's scratch for tiled_rows / streamed_rows, as arrays to copy:
+    (packed panel [rows, PANEL_STEPS] of dtype, C.T sums [rows, tokens padded] float32)."""
     groups = -(-tokens // LANES)
-    if groups == 1:
-        panels = np.empty((threads, STREAM_ROWS, PANEL_STEPS), dtype=dtype)
-        return panels, np.empty((threads, STREAM_ROWS, LANES), dtype=np.float32)
-    panels = np.empty((threads, BLOCK_ROWS, PANEL_STEPS), dtype=dtype)
-    return panels, np.empty((threads, BLOCK_ROWS, groups * LANES), dtype=np.float32)
+    rows = STREAM_ROWS if groups == 1 else BLOCK_ROWS
+    return np.empty((rows, PANEL_STEPS), dtype=dtype), np.empty((rows, groups * LANES), np.float32)
+
+
+def run_blocks(kernel, tokens: int, *args) -> None:
+    """kernel(*args), its threads taking blocks of rows a few at a time as they finish the last
+    (numba's default gives each a fixed half, and on this shared machine one core is often
+    slowed by other work: [13696, 4096] at 512 tokens, fp16 326-354 -> 364-385 GFLOP/s)."""
+    previous = numba.set_parallel_chunksize(STREAM_CHUNK if tokens <= LANES else 1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_parallel_chunksize(previous)
 
 
 def project16(x: np.ndarray, bits: np.ndarray, fp16: bool) -> np.ndarray:
     """x [T, I] float32, bits [O, I] uint16 (fp16 when fp16, else bf16) -> [T, O] = x @ W.T."""
     T, I = x.shape
     out = np.empty((T, bits.shape[0]), dtype=np.float32)
-    panels, sums = scratch(T, I, np.float32)
+    panel_like, sums_like = scratch(T, np.float32)
     if T <= LANES:
         kernel = few_rows_fp16 if fp16 else few_rows_bf16
     else:
         kernel = rows_fp16 if fp16 else rows_bf16
-    kernel(pack_x(x), bits, out, panels, sums)
+    run_blocks(kernel, T, pack_x(x), bits, out, panel_like, sums_like)
     return out
