@@ -15,10 +15,11 @@ lane j of an accumulator holds token j's sum for one weight row, each step loads
 pair from the packed panel into ``vdpbf16ps zmm, zmm, m32{1to16}``. Packing, blocking and the
 prefetching of the next rows are tiles' (``tiled_rows``, ``streamed_rows``); odd I is padded.
 
-Measured (linear, [13696, 4096], both cores, one lock hold, 16 / 128 / 512 tokens, GFLOP/s):
-bf16 weights 169 / 383 / 414 with 4 x 6 tiles of horizontal dot products, 265 / 602 / 575 with
-this kernel; fp16 weights 79 / 283 / 402 -> 266 / 623 / 617; torch bf16 ``F.linear`` 290 / 689 /
-662 (the machine is shared and noisy: ±15 % between runs).
+Measured (linear, [13696, 4096], both cores, 16 / 128 / 512 tokens, GFLOP/s, best of 7, two
+rounds in one lock hold on a shared, noisy machine): bf16 weights 315 / 360-366 / 386-431 with
+4 x 6 tiles of horizontal dot products, 454-456 / 658-715 / 717-747 with this kernel; fp16
+weights 129-139 / 272-303 / 387-401 -> 355-357 / 706 / 723-728; torch bf16 ``F.linear`` in the
+same rounds 191-360 / 627-782 / 732-788.
 """
 
 from __future__ import annotations

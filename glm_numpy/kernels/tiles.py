@@ -15,10 +15,10 @@ For that, both operands are packed, as BLAS does:
   (``pack_x``): [column blocks, T / 16, PANEL_STEPS, 16];
 - W, a block of rows at a time into a small buffer per block, widened to float32 on the way
   (``vcvtph2ps`` for fp16, a 16-bit shift for bf16): the stored weights stay 16-bit and
-  memory-mapped. Many tokens (``tiled_rows``): BLOCK_ROWS rows x PANEL_STEPS columns (96 KiB, in
-  L2), swept by every token tile before the next columns; the next columns are prefetched while
+  memory-mapped. Many tokens (``tiled_rows``): BLOCK_ROWS rows x PANEL_STEPS columns (48 KiB,
+  L1-L2), swept by every token tile before the next columns; the next columns are prefetched while
   this block is packed. At most 16 tokens (``streamed_rows``): STREAM_ROWS rows x PANEL_STEPS
-  columns (24 KiB, in L1), multiplied as soon as packed, and while a block of rows is multiplied
+  columns (12 KiB, in L1), multiplied as soon as packed, and while a block of rows is multiplied
   the kernel prefetches the next block's rows into L2 (one cache line per step), so streaming W
   from memory overlaps the arithmetic. (Packing all of a block's columns first, 384 KiB in L2,
   was slower: 221-232 GFLOP/s at 16 tokens against 281-299.)
@@ -27,10 +27,10 @@ A block's partial sums stay in its C.T buffer [rows, tokens]; the last step writ
 them to out [T, O]. Ragged T is padded with zero tokens (whole groups of 16), ragged O and I are
 handled by the packing (rows past O are never written out, columns past I never read).
 
-Measured (linear, [13696, 4096] fp16, both cores, one lock hold, 16 / 128 / 512 tokens): 4 x 6
-tiles of horizontal dot products over unpacked rows 121 / 217 / 231 GFLOP/s, this kernel 224 /
-315 / 308 (the kernel alone, on a quiet machine: 290 / 420 / 420; the machine is shared and
-noisy, ±15 % between runs).
+Measured (linear, [13696, 4096] fp16, both cores, 16 / 128 / 512 tokens, GFLOP/s, best of 7,
+two rounds in one lock hold on a shared, noisy machine): 4 x 6 tiles of horizontal dot products
+over unpacked rows 150-214 / 220-228 / 221-229, this kernel 303 (148 in a disturbed round) / 340
+/ 367-370. One core's FMA peak here is ~250 (the kernel alone in L1), so ~500 for both.
 
 ``panel_kernel`` builds the kernel for any 4-byte step: glm_numpy.kernels.bf16dot uses it with
 ``vdpbf16ps`` for compute="bf16" (a step is then a pair of bf16 columns).
@@ -50,13 +50,16 @@ from numba.extending import intrinsic
 from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
 
 LANES = 16  # tokens per vector (16 float32 lanes)
-PANEL_STEPS = 256  # steps (columns) per packed block: a 24-row panel is 24 KiB, in L1
+# Steps (columns, or bf16 column pairs) per packed block: a 24-row panel is 12 KiB and the x of
+# a 4-group tile 32 KiB, both in L1. compute bf16 at 128 tokens: 642-710 GFLOP/s against
+# 559-672 with 256 steps; float32 alike.
+PANEL_STEPS = 128
 BLOCK_ROWS = 96  # weight rows packed at a time for many tokens (a multiple of 6, 12 and 24)
 STREAM_ROWS = 24  # weight rows per block for at most 16 tokens (one 1 x 24 tile)
 STREAM_CHUNK = 4  # blocks a thread takes at a time (the next block, prefetched, is usually its own)
 # Tiles as (token groups, weight rows): 24 accumulators, the token vectors and nothing else.
 # Measured on [13696, 4096] fp16 at 128 / 512 tokens: 4 x 6 422 / 418 GFLOP/s, 2 x 12 419 / 400,
-# 3 x 8 416 / 411; blocks of 128 columns or of 192 rows no faster.
+# 3 x 8 416 / 411; blocks of 192 rows no faster.
 WIDE, MIDDLE, NARROW = (4, 6), (2, 12), (1, 24)
 
 _i32, _i64 = ir.IntType(32), ir.IntType(64)
