@@ -432,10 +432,11 @@ def markdown(report: dict) -> str:
         )
         + ", the weight scales applied per group, the weights prefetched "
         f"{PREFETCH_AHEAD // 1024} KiB ahead in software;",
-        "- prefill (and batched decode): 16-bit weights in tiles of 4 weight rows x 6 tokens, "
-        "24 FMA accumulators of 16 lanes (glm_numpy/kernels/tiles.py; with compute bf16, "
-        "`vdpbf16ps` on bf16-rounded activations); int8/int4 in tiles of 2 (int4) or 4 (int8) "
-        "weight rows x 4 tokens with the activations rounded to int8 as in decode and `vpdpbusd` "
+        "- prefill (and batched decode): 16-bit weights as outer products over packed "
+        "panels, 24 FMA accumulators of 16 tokens, the weight broadcast from memory "
+        "(glm_numpy/kernels/tiles.py; with compute bf16, `vdpbf16ps` on bf16-rounded "
+        "activations); int8/int4 in tiles of 2 (int4) or 4 (int8) weight rows x 4 "
+        "tokens with the activations rounded to int8 as in decode and `vpdpbusd` "
         "(glm_numpy/kernels/multirow.py); no sgemm; attention over the cache and RMSNorm as "
         "fused numba kernels (attention on one thread while the cache is short);",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",

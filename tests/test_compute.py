@@ -30,10 +30,11 @@ def test_round_to_bf16_keeps_8_significant_bits_ties_to_even():
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 @given(data=st.data())
 def test_bf16_kernel_matches_its_definition(storage, data):
-    """Ragged T (tiles of 4), O (tiles of 4 rows) and I (steps of 32 columns) included."""
-    T = data.draw(st.integers(1, 11), label="T")
-    O = data.draw(st.integers(1, 13), label="O")
-    I = data.draw(st.sampled_from([32, 64, 96, 40, 200]), label="I")
+    """Ragged T (groups of 16 tokens, every tile shape), O (blocks of rows) and I (odd, and
+    across blocks of packed column pairs) included."""
+    T = data.draw(st.integers(1, 90), label="T")
+    O = data.draw(st.integers(1, 200), label="O")
+    I = data.draw(st.sampled_from([1, 32, 40, 200, 511, 512, 600, 1030]), label="I")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
     w = rng.standard_normal((O, I)).astype(np.float32)
     weight = BF16Compute(

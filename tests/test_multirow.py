@@ -47,7 +47,14 @@ def operands(data, bits_choices, column_unit, group_sizes):
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 @given(data=st.data())
 def test_16_bit_rows_match_the_reference(storage, data):
-    x, w, _, _ = operands(data, [16], 8, [None])
+    """Ragged T on both sides of one group of 16 tokens (every tile shape and remainder), O
+    across blocks of rows, I across blocks of packed columns."""
+    T = data.draw(st.integers(2, 90), label="T")
+    O = data.draw(st.integers(1, 200), label="O")
+    I = data.draw(st.sampled_from([1, 8, 40, 255, 256, 300, 520]), label="I")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    x = rng.standard_normal((T, I)).astype(np.float32)
+    w = rng.standard_normal((O, I)).astype(np.float32)
     w16 = w.astype(np.float16) if storage == "float16" else from_float32(w, "bfloat16")
     close(dispatch.project(x, w16), linear_reference(x, w16))
 

@@ -7,8 +7,8 @@ NumPy layer it speeds up (glm_numpy/layers; tests/test_kernels.py).
 - intdot:   AVX2 and AVX-512 VNNI integer dot products for int8/int4 weights (LLVM IR
             written with llvmlite), one token at a time or a tile of 2-4 weight rows x 4
             tokens;
-- tiles:    prompts and batches over 16-bit weights: 4 weight rows x 6 rows of x per pass,
-            float32-exact (LLVM IR);
+- tiles:    prompts and batches over 16-bit weights: outer products over packed panels of
+            weight rows and tokens, float32-exact (LLVM IR);
 - multirow: prompts and batches over int8/int4 weights on intdot's tiles, x rounded to int8 as
             in decode;
 - bf16dot:  compute="bf16": AVX512-BF16 ``vdpbf16ps`` tiles (glm_numpy.compute);

@@ -72,7 +72,6 @@ from numba.extending import intrinsic, overload
 
 from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32
 from glm_numpy.kernels.matvec import FASTMATH
-from glm_numpy.kernels.tiles import _load_bf16, _load_fp16
 
 # Up to this many multiply-adds (T * H * S * Dh) the direct kernel, on one thread, beats the
 # tiles (a few numpy calls per group and a hand-off to the worker threads); measured at 6B decode
@@ -581,6 +580,20 @@ def _widen_vectors(load):
         return types.void(types.intp, types.intp, types.intp), codegen
 
     return widen_vectors
+
+
+def _load_fp16(builder, address):
+    """16 fp16 values at address -> 16 float32 lanes (vcvtph2ps)."""
+    halves = builder.load(_pointer(builder, address, ir.VectorType(ir.HalfType(), LANES)), align=2)
+    return builder.fpext(halves, _floats)
+
+
+def _load_bf16(builder, address):
+    """16 bf16 values at address -> 16 float32 lanes: each bit pattern becomes a float32's top
+    half."""
+    bits = builder.load(_pointer(builder, address, ir.VectorType(ir.IntType(16), LANES)), align=2)
+    wide = builder.zext(bits, _ints)
+    return builder.bitcast(builder.shl(wide, ir.Constant(_ints, [16] * LANES)), _floats)
 
 
 widen_fp16_vectors = _widen_vectors(_load_fp16)

@@ -7,11 +7,12 @@ definition it is tested against. Three regimes:
   the time is the time to stream W from memory;
 - more rows (a prompt, a batch of decode steps): tiles of weight rows x rows of x held in
   registers, each weight row read once per block of rows of x. 16-bit weights: float32-exact
-  products, 4 x 6 tiles of 512-bit FMAs (glm_numpy.kernels.tiles: faster than widening to
-  float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and independent of OpenBLAS's
-  kernel choice); with compute="bf16", vdpbf16ps (glm_numpy.kernels.bf16dot). Quantised
-  weights: integer tiles (glm_numpy.kernels.multirow) where the CPU has AVX-512 VNNI, x rounded
-  to int8 as in decode, so prompt and decode share one function;
+  products, outer products of packed panels in 512-bit FMAs (glm_numpy.kernels.tiles: faster
+  than widening to float32 + OpenBLAS sgemm at every length measured, 16-512 rows, and
+  independent of OpenBLAS's kernel choice); with compute="bf16", vdpbf16ps
+  (glm_numpy.kernels.bf16dot). Quantised weights: integer tiles (glm_numpy.kernels.multirow)
+  where the CPU has AVX-512 VNNI, x rounded to int8 as in decode, so prompt and decode share one
+  function;
 - quantised weights the integer kernels cannot take (float32 scales, groups of under 32
   bytes): matvec up to DECODE_ROWS rows, then W widened to float32 BLOCK_ROWS rows at a time
   and multiplied by BLAS sgemm.
@@ -39,6 +40,9 @@ BLOCK_ROWS = 512
 # 16-bit decode reads rows two at a time once x [I] float32 outgrows a 32 KiB L1 (8192 columns):
 # at I = 13696 (the MLP's down projection) 30-32 -> 33-34 GB/s, at I = 4096 pairs were slower.
 PAIRS_FROM_COLUMNS = 8192
+# 16-bit weights: matvec up to this many rows, then tiles' panels (which compute 16 tokens at a
+# time). [13696, 4096] fp16, ms: 2 rows matvec 5.4, panels 8.1; 4 rows 6.3 / 7.7; 6 rows 10.4 / 7.8.
+SIXTEEN_BIT_MATVEC_ROWS = 4
 
 
 def project(x: np.ndarray, w) -> np.ndarray:
@@ -65,7 +69,7 @@ def project(x: np.ndarray, w) -> np.ndarray:
         raise ValueError(
             f"linear: x has {x.shape[1]} features, the weight expects {stored.columns}"
         )
-    if stored.multirow is not None and 1 < x.shape[0] <= stored.multirow_rows:
+    if stored.multirow is not None and stored.matvec_rows < x.shape[0] <= stored.multirow_rows:
         return stored.multirow(x)
     if x.shape[0] <= stored.matvec_rows:
         out = np.empty((x.shape[0], rows), dtype=np.float32)  # [T, O]
@@ -91,7 +95,7 @@ class _Stored:
         self.rows, self.columns = rows, columns
         self.matvec = matvec  # (x [T, I], out [T, O]) -> None
         self.widen = widen  # (start, out [n, I]) -> None; None where multirow takes every T
-        self.multirow = multirow  # x [T, I] -> [T, O], for 1 < T <= multirow_rows
+        self.multirow = multirow  # x [T, I] -> [T, O], for matvec_rows < T <= multirow_rows
         self.multirow_rows = multirow_rows
         self.matvec_rows = DECODE_ROWS if matvec_rows is None else matvec_rows
 
@@ -129,7 +133,7 @@ def _sixteen_bit(w: np.ndarray) -> _Stored:
         widen=None,
         multirow=lambda x: tiles.project16(x, bits, fp16),
         multirow_rows=sys.maxsize,
-        matvec_rows=1,
+        matvec_rows=SIXTEEN_BIT_MATVEC_ROWS,
     )
 
 
