@@ -6,11 +6,13 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from numba import njit
 
 from glm_numpy import ChatGLM2
 from glm_numpy.dtypes import from_float32, to_float32
-from glm_numpy.kernels import dispatch, intdot, tiles
+from glm_numpy.kernels import dispatch, intdot, matvec, tiles
 from glm_numpy.kernels.attention import (
     attention_context,
     fused_attention_serial,
@@ -83,6 +85,52 @@ def test_16_bit_decode_in_row_pairs_matches_reference(storage, rows, monkeypatch
     w = make(random_weight(rows=rows))
     x = np.random.default_rng(2).standard_normal((2, I)).astype(np.float32)
     assert_close(linear(x, w), linear_reference(x, w), tolerance)
+
+
+DECODE_16 = {
+    "fp16": (matvec.matvec_fp16, matvec.matvec_fp16_pairs),
+    "bf16": (matvec.matvec_bf16, matvec.matvec_bf16_pairs),
+}
+
+
+@pytest.mark.parametrize("storage", DECODE_16)
+@given(
+    rows=st.integers(1, 13),
+    columns=st.integers(0, 150),
+    tokens=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_16_bit_decode_kernels_on_ragged_shapes(storage, rows, columns, tokens, seed):
+    """Rows one at a time and in blocks of ROWS, whole 32-column lines in LLVM IR and the
+    columns left over in numba: any row and column count (including none) gives x @ W.T."""
+    rng = np.random.default_rng(seed)
+    w = STORAGES[storage][0](rng.standard_normal((rows, columns)).astype(np.float32))
+    x = rng.standard_normal((tokens, columns)).astype(np.float32)
+    bits = w.view(np.uint16)
+    expected = x @ to_float32(w).T
+    for kernel in DECODE_16[storage]:
+        out = np.full((tokens, rows), np.nan, dtype=np.float32)
+        kernel(x, bits, out)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=EXACT * max(1, columns))
+
+
+@pytest.mark.parametrize("storage", DECODE_16)
+def test_16_bit_decode_widens_exactly(storage):
+    """Every finite bit pattern, once per row, times a one-hot x: each output is that value."""
+    bits = np.arange(2**16, dtype=np.uint16)
+    values = to_float32(bits.view(np.float16) if storage == "fp16" else bits)
+    bits = bits[np.isfinite(values)]
+    expected = to_float32(bits.view(np.float16) if storage == "fp16" else bits)
+    columns = 70  # two whole lines and a ragged tail
+    for column in (3, 65):
+        w = np.zeros((len(bits), columns), dtype=np.uint16)
+        w[:, column] = bits
+        x = np.zeros((1, columns), dtype=np.float32)
+        x[0, column] = 1
+        for kernel in DECODE_16[storage]:
+            out = np.empty((1, len(bits)), dtype=np.float32)
+            kernel(x, w, out)
+            np.testing.assert_array_equal(out[0], expected)
 
 
 @pytest.mark.parametrize("storage", ["fp16", "bf16", "int8 groups of 64", "int4 groups of 128"])

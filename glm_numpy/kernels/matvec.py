@@ -29,6 +29,14 @@ from numba import njit, prange
 
 from glm_numpy.kernels.bits import bf16_bits_to_float32, fp16_bits_to_float32, scale_to_float32
 from glm_numpy.kernels.intdot import BLOCK_BYTES, dot_int4_blocks, dot_int8_blocks
+from glm_numpy.kernels.stream16 import (
+    LINE,
+    ROWS,
+    dot_row_bf16,
+    dot_row_fp16,
+    dot_rows_bf16,
+    dot_rows_fp16,
+)
 
 # Let LLVM reorder float sums (reassoc) so the inner loops vectorise; inf/NaN semantics are kept.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -37,24 +45,6 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # (inline="always") rather than called as compiled functions: a parallel kernel loaded from
 # numba's on-disk cache that calls a separately compiled helper streamed fp16 weights at ~38 GB/s,
 # the same kernel freshly compiled at ~50 (numba issue 8085; Zen 5, 2 threads, [65536, 4096]).
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _dot_fp16(w, x):
-    """w [I] uint16 fp16 bits, x [I] float32 -> w · x."""
-    acc = np.float32(0.0)
-    for i in range(w.shape[0]):
-        acc += fp16_bits_to_float32(w[i]) * x[i]
-    return acc
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _dot_bf16(w, x):
-    """w [I] uint16 bf16 bits, x [I] float32 -> w · x."""
-    acc = np.float32(0.0)
-    for i in range(w.shape[0]):
-        acc += bf16_bits_to_float32(w[i]) * x[i]
-    return acc
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -80,67 +70,67 @@ def _dot_int4_offset(packed, x_even, x_odd):
     return acc
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _rows16(x, w, out, dot_row, widen):
+    """The parallel loop of matvec_fp16 / matvec_bf16: rows split between the threads, each row's
+    whole LINEs in LLVM IR (stream16), its last I % LINE columns here."""
+    O, I = w.shape
+    lines = I // LINE
+    for o in prange(O):
+        for t in range(x.shape[0]):
+            total = dot_row(w[o].ctypes.data, x[t].ctypes.data, lines)
+            for i in range(lines * LINE, I):
+                total += widen(w[o, i]) * x[t, i]
+            out[t, o] = total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _row_blocks16(x, w, out, dot_rows, dot_row, widen):
+    """_rows16 in blocks of ROWS rows that share each load of x (for x too long for L1); the
+    last O % ROWS rows one at a time."""
+    O, I = w.shape
+    lines = I // LINE
+    for block in prange(O // ROWS):
+        o = block * ROWS
+        for t in range(x.shape[0]):
+            x_row = x[t].ctypes.data
+            dot_rows(w[o].ctypes.data, x_row, lines, w.strides[0], out[t, o:].ctypes.data)
+            for r in range(o, o + ROWS):
+                for i in range(lines * LINE, I):
+                    out[t, r] += widen(w[r, i]) * x[t, i]
+    for o in range(O // ROWS * ROWS, O):
+        for t in range(x.shape[0]):
+            total = dot_row(w[o].ctypes.data, x[t].ctypes.data, lines)
+            for i in range(lines * LINE, I):
+                total += widen(w[o, i]) * x[t, i]
+            out[t, o] = total
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_fp16(x, w, out):
-    """x [T, I] float32, w [O, I] uint16 (fp16 bits) -> out [T, O] = x @ W.T."""
-    for o in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, o] = _dot_fp16(w[o], x[t])
+    """x [T, I] float32 (rows contiguous), w [O, I] uint16 (fp16 bits, rows contiguous)
+    -> out [T, O] (rows contiguous) = x @ W.T."""
+    _rows16(x, w, out, dot_row_fp16, fp16_bits_to_float32)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_bf16(x, w, out):
-    """x [T, I] float32, w [O, I] uint16 (bf16 bits) -> out [T, O] = x @ W.T."""
-    for o in prange(w.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, o] = _dot_bf16(w[o], x[t])
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _dot2_fp16(w0, w1, x):
-    """w0, w1 [I] uint16 fp16 bits, x [I] float32 -> (w0 · x, w1 · x), each x load used twice."""
-    acc0, acc1 = np.float32(0.0), np.float32(0.0)
-    for i in range(x.shape[0]):
-        acc0 += fp16_bits_to_float32(w0[i]) * x[i]
-        acc1 += fp16_bits_to_float32(w1[i]) * x[i]
-    return acc0, acc1
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _dot2_bf16(w0, w1, x):
-    """w0, w1 [I] uint16 bf16 bits, x [I] float32 -> (w0 · x, w1 · x), each x load used twice."""
-    acc0, acc1 = np.float32(0.0), np.float32(0.0)
-    for i in range(x.shape[0]):
-        acc0 += bf16_bits_to_float32(w0[i]) * x[i]
-        acc1 += bf16_bits_to_float32(w1[i]) * x[i]
-    return acc0, acc1
+    """matvec_fp16 for bf16 bits."""
+    _rows16(x, w, out, dot_row_bf16, bf16_bits_to_float32)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_fp16_pairs(x, w, out):
-    """matvec_fp16 two rows at a time, for rows so long that x [I] falls out of L1 (the MLP's
-    down projection, I = 13696: x is 54 KiB): each element of x loaded then serves two rows."""
-    O = w.shape[0]
-    for pair in prange(O // 2):
-        o = 2 * pair
-        for t in range(x.shape[0]):
-            out[t, o], out[t, o + 1] = _dot2_fp16(w[o], w[o + 1], x[t])
-    if O % 2:  # an odd last row
-        for t in range(x.shape[0]):
-            out[t, O - 1] = _dot_fp16(w[O - 1], x[t])
+    """matvec_fp16 for rows so long that x [I] falls out of L1 (the MLP's down projection,
+    I = 13696: x is 54 KiB): ROWS rows at a time, so each element of x loaded serves ROWS rows.
+    (The name is from when the blocks were pairs.)"""
+    _row_blocks16(x, w, out, dot_rows_fp16, dot_row_fp16, fp16_bits_to_float32)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def matvec_bf16_pairs(x, w, out):
-    """matvec_bf16 two rows at a time (see matvec_fp16_pairs)."""
-    O = w.shape[0]
-    for pair in prange(O // 2):
-        o = 2 * pair
-        for t in range(x.shape[0]):
-            out[t, o], out[t, o + 1] = _dot2_bf16(w[o], w[o + 1], x[t])
-    if O % 2:  # an odd last row
-        for t in range(x.shape[0]):
-            out[t, O - 1] = _dot_bf16(w[O - 1], x[t])
+    """matvec_fp16_pairs for bf16 bits."""
+    _row_blocks16(x, w, out, dot_rows_bf16, dot_row_bf16, bf16_bits_to_float32)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
