@@ -4,6 +4,7 @@ NumPy layer it speeds up (glm_numpy/layers; tests/test_kernels.py).
 - bits:     16-bit float bits (uint16) -> float32 inside compiled code (numba has no float16);
 - matvec:   decode, y = x @ W.T for a few rows, streaming W once in its stored 16-bit or
             quantised form (the time per token is the time to read the weights from memory);
+- stream16: 16-bit decode rows in LLVM IR: 512-bit widening and FMAs, software prefetch;
 - intdot:   AVX2 and AVX-512 VNNI integer dot products for int8/int4 weights (LLVM IR
             written with llvmlite), one token at a time or a tile of 2-4 weight rows x 4
             tokens;

@@ -37,8 +37,9 @@ DECODE_ROWS = 4  # float kernels for quantised weights: matvec up to this many r
 # measured slower (each block hands the cores from numba's threads to OpenBLAS's and back), 1024
 # no faster at 512 tokens and sometimes much slower at 128.
 BLOCK_ROWS = 512
-# 16-bit decode reads rows two at a time once x [I] float32 outgrows a 32 KiB L1 (8192 columns):
-# at I = 13696 (the MLP's down projection) 30-32 -> 33-34 GB/s, at I = 4096 pairs were slower.
+# 16-bit decode reads rows in blocks of 4 (the *_pairs kernels) once x [I] float32 outgrows L1
+# (8192 columns): at I = 13696 (the MLP's down projection) 22-25 -> 26-30 GB/s, at I = 4096
+# blocks were slower (30-32 -> 25-27; glm_numpy.kernels.stream16).
 PAIRS_FROM_COLUMNS = 8192
 # 16-bit weights: matvec up to this many rows, then tiles' panels (which compute 16 tokens at a
 # time). [13696, 4096] fp16, ms: 2 rows matvec 5.4, panels 8.1; 4 rows 6.3 / 7.7; 6 rows 10.4 / 7.8.

@@ -1,20 +1,44 @@
-"""Decode over 16-bit weights in LLVM IR: one weight row against one row of x, 512 bits wide.
+"""Decode over 16-bit weights in LLVM IR: weight rows against one row of x, 512 bits wide.
 
-    w [I] fp16 or bf16 bits, x [I] float32 -> w · x over the first 32 * lines columns (float32)
+    w rows [I] fp16 or bf16 bits, x [I] float32 -> each row · x over its first 32 * lines
+    columns (float32)
 
-matvec_fp16 / matvec_bf16 (glm_numpy.kernels.matvec) call it once per output row and add the
-last I % 32 columns themselves. Each step takes one 64-byte cache line of the row (32 weights):
-two 16-lane widenings (``vcvtph2ps`` for fp16, a 16-bit shift for bf16, as in
-glm_numpy.kernels.tiles) and two fused multiply-adds into two accumulators, whose lanes are
-added once at the end of the row in a tree of halvings. numba's own loop over the same row
-(the previous matvec) stopped at 256-bit vectors.
+matvec_fp16 / matvec_bf16 (glm_numpy.kernels.matvec) call ``dot_row_*`` once per output row,
+the *_pairs kernels ``dot_rows_*`` once per block of ROWS rows, and add the last I % 32 columns
+themselves. Each step takes one 64-byte cache line of each row (32 weights): two 16-lane
+widenings (``vcvtph2ps`` for fp16, a 16-bit shift for bf16, as in glm_numpy.kernels.tiles) and
+two fused multiply-adds into two accumulators per row, whose lanes are added once at the end in
+a tree of halvings. numba's own loop over the same row (the previous matvec) stopped at 256-bit
+vectors and had no prefetch.
 
-Each step also prefetches the weights PREFETCH_BYTES ahead. The loader memory-maps the
-checkpoint, so the weights sit in 4 KiB page-cache pages, and the hardware prefetchers stop at
-every page boundary (a 4096-column fp16 row spans two pages); a software prefetch two pages
-ahead crosses them. One row at a time keeps each thread on a single sequential stream (its
-contiguous half of the rows); blocks of 2 or 4 rows sharing each x load were no faster at
-4096 columns.
+Each step also prefetches the weights ahead of the loads: 8 KiB ahead of a lone row, 2 KiB ahead
+of each row of a block of 4 (about 8 KiB in flight per thread either way). The loader
+memory-maps the checkpoint, so the weights sit in 4 KiB page-cache pages, and the hardware
+prefetchers stop at every page boundary (a 4096-column fp16 row spans two pages).
+
+Rows of 4096 columns go one at a time: each thread then reads a single sequential stream (its
+contiguous half of the rows), and blocks of 2 or 4 rows were slower ([4608, 4096], weights
+memory-mapped, GB/s: one row 30-32, blocks of 2 25, of 4 27, the numba loop 18). Rows of 13696
+columns (the MLP's down projection: x is 54 KiB, more than L1) go 4 at a time so each x load
+serves 4 rows: [4096, 13696] 4 rows 26-30, 2 rows 24, one row 22-25, numba pairs 20-21.
+
+Measured, matvec before -> after (GB/s of weights; Zen 5, 2 threads, one process alternating
+the two kernels, median of 7 rounds, two runs; a busy VM whose 2 GiB probe read 24-38 GB/s;
+"mmap" = weights memory-mapped from the fp16 checkpoint file as the loader holds them, "array"
+= numpy arrays; benchmarks in /work/scratch/decode16 of the session that wrote this):
+
+                  qkv            dense          h_to_4h        4h_to_h        lm_head
+                  [4608, 4096]   [4096, 4096]   [27392, 4096]  [4096, 13696]  [65024, 4096]
+    fp16 mmap     30-31 -> 31-38 29 -> 31-34    29-31 -> 30-33 12-21 -> 19-28 19-30 -> 19-31
+    fp16 array    34 -> 40       30-32 -> 36-37 33 -> 36-38    23 -> 30-32    21-33 -> 20-32
+    bf16 mmap     25-32 -> 29-37 26-33 -> 27-35 20-27 -> 20-29 12-18 -> 16-26 16-28 -> 18-27
+    bf16 array    25-33 -> 30-37 28-34 -> 31-38 20-28 -> 24-32 17-20 -> 15-28 17-32 -> 18-33
+
+that is x1.0-1.2 on the 4096-column shapes but the output layer (x0.96-1.07), x1.3-1.7 on the
+down projection (one bf16 array run x0.87).
+
+Editing this file: numba's on-disk cache of matvec's kernels is keyed on matvec.py alone, so
+touch it too (or delete its __pycache__), or the cached kernels keep the old code.
 """
 
 from __future__ import annotations
@@ -25,7 +49,9 @@ from numba.extending import intrinsic
 
 ROWS = 4  # rows per block for long rows (see the module docstring)
 LINE = 32  # columns per step: one 64-byte cache line of 16-bit weights
-PREFETCH_BYTES = 8192  # how far ahead of the loads the weights are prefetched
+# Weights prefetched ahead of the loads, per thread: 8 KiB (two pages) ahead of a lone row, 2 KiB
+# ahead of each row of a block of 4.
+PREFETCH_BYTES = 8192
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _floats = ir.VectorType(ir.FloatType(), 16)
@@ -106,7 +132,7 @@ def rows_loop(builder, w, x, lines, w_stride, rows, load_w):
     new = []
     for r, start in enumerate(starts):
         w_line = builder.add(start, w_offset)
-        _prefetch(builder, builder.add(w_line, ir.Constant(_i64, PREFETCH_BYTES)))
+        _prefetch(builder, builder.add(w_line, ir.Constant(_i64, PREFETCH_BYTES // rows)))
         for h in (0, 1):
             weights = load_w(builder, builder.add(w_line, ir.Constant(_i64, 32 * h)))
             new.append(_fma(builder, accs[2 * r + h], xs[h], weights))
