@@ -25,7 +25,7 @@ serves 4 rows: [4096, 13696] 4 rows 26-30, 2 rows 24, one row 22-25, numba pairs
 Measured, matvec before -> after (GB/s of weights; Zen 5, 2 threads, one process alternating
 the two kernels, median of 7 rounds, two runs; a busy VM whose 2 GiB probe read 24-38 GB/s;
 "mmap" = weights memory-mapped from the fp16 checkpoint file as the loader holds them, "array"
-= numpy arrays; benchmarks in /work/scratch/decode16 of the session that wrote this):
+= numpy arrays):
 
                   qkv            dense          h_to_4h        4h_to_h        lm_head
                   [4608, 4096]   [4096, 4096]   [27392, 4096]  [4096, 13696]  [65024, 4096]
@@ -36,6 +36,11 @@ the two kernels, median of 7 rounds, two runs; a busy VM whose 2 GiB probe read 
 
 that is x1.0-1.2 on the 4096-column shapes but the output layer (x0.96-1.07), x1.3-1.7 on the
 down projection (one bf16 array run x0.87).
+
+A full-size fp16 decode step (6b-safetensors, 16-token prompt, median of steps 1-5 per process,
+before and after alternated in one lock hold, three holds), ms: 844 / 842 -> 722 / 622,
+505 / 521 -> 478 / 403, 498 / 495 -> 404 / 396. The projections are ~97 % of a step; the VM's
+slow and fast regimes show in the first hold.
 
 Editing this file: numba's on-disk cache of matvec's kernels is keyed on matvec.py alone, so
 touch it too (or delete its __pycache__), or the cached kernels keep the old code.
