@@ -438,7 +438,8 @@ def markdown(report: dict) -> str:
         "activations); int8/int4 in tiles of 2 (int4) or 4 (int8) weight rows x 4 "
         "tokens with the activations rounded to int8 as in decode and `vpdpbusd` "
         "(glm_numpy/kernels/multirow.py); no sgemm; attention over the cache and RMSNorm as "
-        "fused numba kernels (attention on one thread while the cache is short);",
+        "fused numba kernels (up to 16 new tokens, the 16 heads of a kv group in the 16 lanes of "
+        "a register; longer prompts, tiles of BLAS products with an online softmax);",
         "- int8/int4 keep the embedding and the output layer in fp16 (the official scheme).",
         "",
         "## glm_numpy / llama.cpp at the same width, this run",
