@@ -461,16 +461,21 @@ def _store_results(builder, out, out_stride, results, n_rows: int) -> None:
             builder.store(value, builder.inttoptr(at, ir.FloatType().as_pointer()))
 
 
+def _weight_rows(builder, weights, row_stride, w_scale, w_scale_stride, n_rows: int) -> list:
+    """[(address of weight row r, address of its scales)] for the tile's n_rows rows."""
+    return list(
+        zip(
+            _addresses(builder, weights, row_stride, n_rows),
+            _addresses(builder, w_scale, w_scale_stride, n_rows),
+        )
+    )
+
+
 def _int4_tile_codegen(n_rows: int):
     def codegen(context, builder, sig, args):
         packed, row_stride, x_even, x_odd, x_scale, w_scale, w_scale_stride = args[:7]
         n_groups, group_blocks, x_stride, scale_stride, out, out_stride = args[7:]
-        rows = list(
-            zip(
-                _addresses(builder, packed, row_stride, n_rows),
-                _addresses(builder, w_scale, w_scale_stride, n_rows),
-            )
-        )
+        rows = _weight_rows(builder, packed, row_stride, w_scale, w_scale_stride, n_rows)
         evens = _addresses(builder, x_even, x_stride, TILE_TOKENS)
         odds = _addresses(builder, x_odd, x_stride, TILE_TOKENS)
 
@@ -502,12 +507,7 @@ def _int8_tile_codegen(n_rows: int):
     def codegen(context, builder, sig, args):
         q, row_stride, x, x_scale, w_scale, w_scale_stride = args[:6]
         n_groups, group_blocks, x_stride, scale_stride, out, out_stride = args[6:]
-        rows = list(
-            zip(
-                _addresses(builder, q, row_stride, n_rows),
-                _addresses(builder, w_scale, w_scale_stride, n_rows),
-            )
-        )
+        rows = _weight_rows(builder, q, row_stride, w_scale, w_scale_stride, n_rows)
         xs = _addresses(builder, x, x_stride, TILE_TOKENS)
 
         def pair_sums(load, offset):
